@@ -1,0 +1,274 @@
+"""Load and validate one image reference, so every model sees an upright RGB image of sane size.
+
+Accepted references: local path (relative paths resolve against ``base_dir``, the dataset file's
+folder), ``file://`` URL, ``http(s)://`` URL (timeout + retries), base64 string or ``data:`` URI, raw
+bytes, a PIL image, a numpy HWC array and HF datasets image dicts ``{"bytes": ..., "path": ...}``.
+
+Every failure raises :class:`ImageLoadError` (a ``ValueError``) naming the row index and the source.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import os
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MIN_SIDE = 28  # Qwen-VL's patch*merge factor; smaller sides get hallucinated over (reliability.md #9)
+MAX_ASPECT_RATIO = 200.0  # Qwen-VL's smart_resize refuses larger ratios
+_B64_RE = re.compile(r"^[A-Za-z0-9+/=_\-\s]+$")
+
+
+class ImageLoadError(ValueError):
+    """An image reference that cannot be turned into a usable RGB image (names the row and the source)."""
+
+
+def describe_ref(ref: Any, limit: int = 80) -> str:
+    """Short, printable description of an image reference (long base64 strings are truncated)."""
+    if isinstance(ref, Image.Image):
+        return f"<PIL image mode={ref.mode} size={ref.size[0]}x{ref.size[1]}>"
+    if isinstance(ref, (bytes, bytearray, memoryview)):
+        return f"<{len(ref)} bytes>"
+    if isinstance(ref, np.ndarray):
+        return f"<array shape={tuple(ref.shape)} dtype={ref.dtype}>"
+    if isinstance(ref, Mapping):
+        b = ref.get("bytes")
+        return f"<image dict path={ref.get('path')!r} bytes={'None' if b is None else len(b)}>"
+    s = str(ref)
+    if len(s) > limit:
+        return repr(s[: limit // 2] + f"...<{len(s)} chars>")
+    return repr(s)
+
+
+def load_image(
+    ref: Any,
+    row_index: int | None = None,
+    base_dir: str | os.PathLike | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    min_side: int = DEFAULT_MIN_SIDE,
+    max_aspect_ratio: float = MAX_ASPECT_RATIO,
+    timeout: float = 10.0,
+    retries: int = 2,
+) -> Image.Image:
+    """Load ``ref`` as an upright RGB PIL image within ``[min_pixels, max_pixels]`` (aspect ratio kept).
+
+    Raises ``ImageLoadError`` (a ``ValueError``) naming ``row_index`` and the source for missing,
+    empty, corrupt or truncated files, unreachable URLs, and degenerate images (a side under
+    ``min_side`` px or an aspect ratio over ``max_aspect_ratio``).
+
+    Example:
+        >>> img = load_image("images/0001.png", row_index=3, base_dir="data/", max_pixels=512 * 512)
+        >>> img.mode
+        'RGB'
+    """
+    where = f"row {row_index}" if row_index is not None else "image"
+    source = describe_ref(ref)
+
+    def fail(reason: str) -> ImageLoadError:
+        return ImageLoadError(f"{where}: cannot use image {source}: {reason}")
+
+    try:
+        img = _open(ref, base_dir, timeout, retries)
+    except ImageLoadError as e:
+        raise fail(str(e)) from None
+    except Image.DecompressionBombError as e:
+        raise fail(f"too large ({e}); downscale it or raise PIL.Image.MAX_IMAGE_PIXELS") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise fail(f"corrupt or unreadable image ({type(e).__name__}: {e})") from None
+
+    w, h = img.size
+    _check_geometry(w, h, min_side, max_aspect_ratio, fail)
+    img = to_rgb(img)
+    img = resize_to_pixel_bounds(img, min_pixels, max_pixels)
+    if (img.size != (w, h)) and min(img.size) < min_side:
+        raise fail(
+            f"max_pixels={max_pixels} shrinks this {w}x{h} image to {img.size[0]}x{img.size[1]}, "
+            f"below the minimum side of {min_side}px"
+        )
+    return img
+
+
+def _check_geometry(w: int, h: int, min_side: int, max_aspect_ratio: float, fail) -> None:
+    if w == 0 or h == 0:
+        raise fail(f"empty image ({w}x{h})")
+    if min(w, h) < min_side:
+        raise fail(f"degenerate size {w}x{h}: a side is under the minimum of {min_side}px")
+    if max(w, h) / min(w, h) > max_aspect_ratio:
+        raise fail(f"degenerate aspect ratio {max(w, h) / min(w, h):.0f} ({w}x{h}) exceeds {max_aspect_ratio:g}")
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+
+def _open(ref: Any, base_dir, timeout: float, retries: int) -> Image.Image:
+    """Open and fully decode ``ref`` (decoding here turns truncation into an error now, not in a worker later)."""
+    if isinstance(ref, Image.Image):
+        ref.load()
+        return ref
+    if isinstance(ref, np.ndarray):
+        return Image.fromarray(ref)
+    if isinstance(ref, (bytes, bytearray, memoryview)):
+        return _decode(bytes(ref))
+    if isinstance(ref, Mapping):
+        if ref.get("bytes") is not None:
+            return _decode(bytes(ref["bytes"]))
+        for key in ("path", "url", "image"):
+            if ref.get(key) is not None:
+                return _open(ref[key], base_dir, timeout, retries)
+        raise ImageLoadError("image dict has neither 'bytes' nor 'path'")
+    if isinstance(ref, os.PathLike):
+        return _open_path(Path(ref), base_dir)
+    if not isinstance(ref, str):
+        raise ImageLoadError(f"unsupported image reference type {type(ref).__name__}")
+    if ref == "":
+        raise ImageLoadError("empty image reference")
+    if ref.startswith("data:"):
+        header, _, payload = ref.partition(",")
+        if ";base64" not in header:
+            return _decode(urllib.parse.unquote_to_bytes(payload))
+        return _decode(_b64decode(payload))
+    scheme = ref.split("://", 1)[0].lower() if "://" in ref[:16] else ""
+    if scheme in ("http", "https"):
+        return _decode(_download(ref, timeout, retries))
+    if scheme == "file":
+        parsed = urllib.parse.urlparse(ref)
+        return _open_path(Path(urllib.request.url2pathname(urllib.parse.unquote(parsed.path))), None)
+    if scheme:
+        raise ImageLoadError(f"unsupported URL scheme {scheme!r}")
+    path = Path(ref).expanduser()
+    candidates = [path] if path.is_absolute() or base_dir is None else [Path(base_dir) / path, path]
+    for c in candidates:
+        if c.is_file():
+            return _open_path(c, None)
+    if len(ref) >= 32 and _B64_RE.match(ref):  # long and no file of that name: try base64
+        try:
+            return _decode(_b64decode(ref))
+        except ImageLoadError:
+            pass
+    tried = ", ".join(str(c) for c in candidates)
+    raise ImageLoadError(f"file not found (tried {tried})")
+
+
+def _open_path(path: Path, base_dir) -> Image.Image:
+    if not path.is_absolute() and base_dir is not None and (Path(base_dir) / path).is_file():
+        path = Path(base_dir) / path
+    if not path.is_file():
+        raise ImageLoadError(f"file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ImageLoadError(f"empty file (0 bytes): {path}")
+    return _decode(path.read_bytes())
+
+
+def _b64decode(payload: str) -> bytes:
+    payload = "".join(payload.split())
+    try:
+        if "-" in payload or "_" in payload:
+            return base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+        return base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ImageLoadError(f"invalid base64 ({e})") from None
+
+
+def _decode(data: bytes) -> Image.Image:
+    if len(data) == 0:
+        raise ImageLoadError("empty data (0 bytes)")
+    img = Image.open(io.BytesIO(data))
+    img.load()  # raises OSError("image file is truncated") for cut-off files
+    return img
+
+
+def _download(url: str, timeout: float, retries: int) -> bytes:
+    last: Exception | None = None
+    for attempt in range(retries + 1):
+        try:
+            req = urllib.request.Request(url, headers={"User-Agent": "vlm-lightning/0.1"})
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.read()
+        except urllib.error.HTTPError as e:
+            last = e
+            if e.code < 500 and e.code != 429:  # client errors will not fix themselves
+                break
+        except (urllib.error.URLError, TimeoutError, OSError) as e:
+            last = e
+        if attempt < retries:
+            time.sleep(0.5 * 2**attempt)
+    reason = getattr(last, "reason", last)
+    raise ImageLoadError(
+        f"download failed after {retries + 1} attempt(s) (timeout {timeout}s): {reason}. "
+        "Offline? Download the images and point the dataset at local paths."
+    )
+
+
+# ----------------------------------------------------------------------------------------------- pixels
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """EXIF-transpose ``img`` and convert it to RGB; alpha is composited on ``background``.
+
+    Handles 1, L, LA, P (with transparency), PA, RGBA, CMYK, YCbCr, I;16*, I and F.
+    """
+    img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        img = _high_bit_depth_to_l(img)
+        mode = "L"
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif mode in ("L", "RGB") and "transparency" in img.info:
+        img = img.convert("RGBA")
+    elif mode in ("LA", "La", "PA", "RGBa"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        canvas = Image.new("RGBA", img.size, background + (255,))
+        canvas.alpha_composite(img)
+        return canvas.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        scale = 255.0 if np.nanmax(arr, initial=0.0) <= 1.0 else 1.0
+    else:
+        peak = np.nanmax(arr, initial=0.0)
+        scale = 255.0 / 65535.0 if peak > 255 else 1.0  # 16-bit data (I;16 or I from a 16-bit PNG)
+    arr = np.nan_to_num(arr * scale, nan=0.0)
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+
+
+def fit_to_pixel_bounds(w: int, h: int, min_pixels: int | None, max_pixels: int | None) -> tuple[int, int]:
+    """The size ``(w, h)`` scaled (aspect ratio kept) so that ``min_pixels <= w*h <= max_pixels``."""
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        raise ValueError(f"min_pixels={min_pixels} > max_pixels={max_pixels}")
+    area = w * h
+    if max_pixels is not None and area > max_pixels:
+        s = math.sqrt(max_pixels / area)
+        nw, nh = max(1, math.floor(w * s)), max(1, math.floor(h * s))
+        return nw, nh
+    if min_pixels is not None and area < min_pixels:
+        s = math.sqrt(min_pixels / area)
+        return math.ceil(w * s), math.ceil(h * s)
+    return w, h
+
+
+def resize_to_pixel_bounds(img: Image.Image, min_pixels: int | None, max_pixels: int | None) -> Image.Image:
+    """Resize ``img`` to honour ``min_pixels``/``max_pixels``, keeping its aspect ratio."""
+    size = fit_to_pixel_bounds(img.size[0], img.size[1], min_pixels, max_pixels)
+    if size == img.size:
+        return img
+    if size[0] * size[1] < img.size[0] * img.size[1] // 4:
+        img = img.reduce(max(1, min(img.size[0] // size[0], img.size[1] // size[1]) // 2))  # fast pre-shrink
+    return img.resize(size, Image.Resampling.BICUBIC)

@@ -1,0 +1,3 @@
+"""Model loading, LoRA and the per-family table."""
+
+from .families import FAMILIES, FamilySpec, get_family_spec

@@ -1,0 +1,16 @@
+"""Reward callables with TRL's signature ``(prompts, completions, **columns) -> list[float | None]``."""
+from .base import (
+    RewardError,
+    RewardSet,
+    completion_text,
+    compute_rewards,
+    extract_tag,
+    normalize_text,
+    reward_name,
+)
+from .builtin import ExactMatchReward, FormatReward, LengthPenalty, NumericAnswerReward, OCRReward, parse_number
+
+__all__ = [
+    "RewardError", "RewardSet", "completion_text", "compute_rewards", "extract_tag", "normalize_text", "reward_name",
+    "ExactMatchReward", "FormatReward", "LengthPenalty", "NumericAnswerReward", "OCRReward", "parse_number",
+]

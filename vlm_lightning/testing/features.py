@@ -1,0 +1,34 @@
+"""Count the image features a VLM's vision tower produces, per image, for a processed batch."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+# Processor outputs that `get_image_features` of some family takes besides pixel_values.
+_IMAGE_KWARGS = ("image_grid_thw", "image_sizes")
+
+
+@torch.no_grad()
+def image_feature_counts(model, batch: dict) -> list[int]:
+    """Number of projected image features per image (in batch order) for `batch` from the processor.
+
+    The processor must have put exactly this many image placeholder tokens into `input_ids`; the
+    forward raises (or silently misplaces features) otherwise.
+
+    Example:
+        >>> inputs = processor(text=[prompt], images=[[img]], return_tensors="pt")
+        >>> image_feature_counts(model, inputs)
+        [4]
+    """
+    inner = model.model if hasattr(model, "model") and hasattr(model.model, "get_image_features") else model
+    accepted = inspect.signature(inner.get_image_features).parameters
+    kwargs = {k: batch[k] for k in _IMAGE_KWARGS if k in batch and k in accepted}
+    out = inner.get_image_features(pixel_values=batch["pixel_values"], return_dict=True, **kwargs)
+    feats = out.pooler_output if hasattr(out, "pooler_output") and out.pooler_output is not None else out
+    if isinstance(feats, (list, tuple)):  # one (tokens, dim) tensor per image
+        return [int(f.reshape(-1, f.shape[-1]).shape[0]) for f in feats]
+    if feats.dim() == 3:  # (images, tokens, dim)
+        return [int(feats.shape[1])] * int(feats.shape[0])
+    return [int(feats.shape[0])]  # (tokens, dim): a single image
