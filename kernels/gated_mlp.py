@@ -16,6 +16,10 @@ from ._utils import HAS_TRITON, triton_ok
 from .reference import geglu_tanh_ref, swiglu_ref
 
 _BLOCK = 1024
+
+
+def _block(t: torch.Tensor) -> int:
+    return _BLOCK if t.is_cuda else 65536  # the interpreter pays per operation: few, large programs
 ACTIVATIONS = {"swiglu": 0, "geglu_tanh": 1}
 
 if HAS_TRITON:
@@ -62,8 +66,8 @@ def gated_act_forward(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.T
     y = torch.empty_like(gate)
     n = gate.numel()
     if n:
-        _gated_fwd_kernel[(triton.cdiv(n, _BLOCK),)](gate, up, y, n, ACT=ACTIVATIONS[act], BLOCK=_BLOCK,
-                                                     num_warps=4)
+        blk = _block(gate)
+        _gated_fwd_kernel[(triton.cdiv(n, blk),)](gate, up, y, n, ACT=ACTIVATIONS[act], BLOCK=blk, num_warps=4)
     return y
 
 
@@ -72,8 +76,9 @@ def gated_act_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, a
     dg, du = torch.empty_like(gate), torch.empty_like(up)
     n = gate.numel()
     if n:
-        _gated_bwd_kernel[(triton.cdiv(n, _BLOCK),)](dy, gate, up, dg, du, n, ACT=ACTIVATIONS[act],
-                                                     BLOCK=_BLOCK, num_warps=4)
+        blk = _block(gate)
+        _gated_bwd_kernel[(triton.cdiv(n, blk),)](dy, gate, up, dg, du, n, ACT=ACTIVATIONS[act], BLOCK=blk,
+                                                  num_warps=4)
     return dg, du
 
 

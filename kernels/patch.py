@@ -28,6 +28,7 @@ Example:
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import re
@@ -78,12 +79,21 @@ def _swap_class(module: nn.Module, kind: str, forward) -> None:
     cls = type(module)
     key = (cls, kind)
     if key not in _SUBCLASSES:
+        # keep the original signature visible (generate() validates model kwargs against forward's)
+        forward = functools.wraps(cls.forward)(_bind_forward(forward))
         name = f"Fused{cls.__name__}"
         qual = f"_{kind}_{cls.__module__.replace('.', '_')}_{cls.__name__}"
         sub = type(name, (cls,), {"forward": forward, _FLAG: kind, "__module__": __name__, "__qualname__": qual})
         globals()[qual] = sub
         _SUBCLASSES[key] = sub
     module.__class__ = _SUBCLASSES[key]
+
+
+def _bind_forward(fn):
+    def forward(self, *args, **kwargs):
+        return fn(self, *args, **kwargs)
+
+    return forward
 
 
 def _is_fused(module: nn.Module) -> bool:

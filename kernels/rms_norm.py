@@ -22,58 +22,61 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _rms_norm_fwd_kernel(X, W, Y, RSTD, x_stride, y_stride, H, eps, offset,
-                             GEMMA: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
+    def _rms_norm_fwd_kernel(X, W, Y, RSTD, x_stride, y_stride, n_rows, H, eps, offset,
+                             GEMMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK)
-        mask = cols < H
-        x = tl.load(X + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
-        tl.store(RSTD + row, rstd)
-        xhat = x * rstd
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+        rmask = rows < n_rows
+        mask = rmask[:, None] & (cols < H)[None, :]
+        x = tl.load(X + rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / H + eps)  # (BLOCK_M,)
+        tl.store(RSTD + rows, rstd, mask=rmask)
+        xhat = x * rstd[:, None]
+        w = (tl.load(W + cols, mask=cols < H, other=0.0).to(tl.float32) + offset)[None, :]
         if GEMMA:
             y = xhat * w
         else:  # HF Llama rounds x_hat to the input dtype before the weight multiply
             y = xhat.to(X.dtype.element_ty).to(tl.float32) * w
-        tl.store(Y + row * y_stride + cols, y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + rows[:, None] * y_stride + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, dy_stride, x_stride, dx_stride, n_rows, H,
                              offset, rows_per_prog, GEMMA: tl.constexpr, HAS_DW: tl.constexpr,
-                             BLOCK: tl.constexpr):
+                             BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
+        # persistent: program pid owns rows [pid * rows_per_prog, ...) and one partial dw row
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
-        mask = cols < H
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
-        dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        start = pid * rows_per_prog
+        cmask = cols < H
+        w = (tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset)[None, :]
+        dw_acc = tl.zeros((BLOCK_M, BLOCK), dtype=tl.float32)
+        start = pid.to(tl.int64) * rows_per_prog
         end = tl.minimum(start + rows_per_prog, n_rows)
-        # int64 pointer steps (the interpreter's range() yields Python ints, so no per-row casts)
-        s64 = start.to(tl.int64)
-        x_ptr = X + s64 * x_stride
-        dy_ptr = DY + s64 * dy_stride
-        dx_ptr = DX + s64 * dx_stride
-        r_ptr = RSTD + s64
-        for _ in range(start, end):
-            x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(r_ptr)
+        for r0 in range(0, rows_per_prog, BLOCK_M):
+            rows = start + r0 + tl.arange(0, BLOCK_M)
+            rmask = rows < end
+            mask = rmask[:, None] & cmask[None, :]
+            x = tl.load(X + rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + rows[:, None] * dy_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)[:, None]
             xhat = x * rstd
             dxhat = dy * w
-            dx = rstd * (dxhat - xhat * (tl.sum(dxhat * xhat, axis=0) / H))
-            tl.store(dx_ptr + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            dx = rstd * (dxhat - xhat * (tl.sum(dxhat * xhat, axis=1) / H)[:, None])
+            tl.store(DX + rows[:, None] * dx_stride + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
             if HAS_DW:
                 if GEMMA:
                     dw_acc += dy * xhat
                 else:
                     dw_acc += dy * xhat.to(X.dtype.element_ty).to(tl.float32)
-            x_ptr += x_stride
-            dy_ptr += dy_stride
-            dx_ptr += dx_stride
-            r_ptr += 1
         if HAS_DW:
-            tl.store(DW_PART + pid * H + cols, dw_acc, mask=mask)
+            tl.store(DW_PART + pid * H + cols, tl.sum(dw_acc, axis=0), mask=cmask)
+
+
+def _rows_per_block(block: int, device: torch.device) -> int:
+    """Rows per program tile: one row of a wide hidden size on a GPU; many rows under the interpreter
+    (it pays per operation, not per element)."""
+    if device.type == "cuda":
+        return max(1, min(16, 2048 // block))
+    return max(1, min(64, 65536 // block))
 
 
 def _out_dtype(x: torch.Tensor, w: torch.Tensor, casting: str) -> torch.dtype:
@@ -87,9 +90,11 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: 
     y = torch.empty((n, h), dtype=_out_dtype(x, weight, casting), device=x.device)
     rstd = torch.empty(n, dtype=torch.float32, device=x.device)
     block = next_pow2(h)
+    bm = _rows_per_block(block, x.device)
     if n:
-        _rms_norm_fwd_kernel[(n,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), h, eps, offset,
-                                   GEMMA=casting == "gemma", BLOCK=block, num_warps=row_warps(block))
+        _rms_norm_fwd_kernel[(triton.cdiv(n, bm),)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n, h, eps,
+                                                    offset, GEMMA=casting == "gemma", BLOCK_M=bm, BLOCK=block,
+                                                    num_warps=row_warps(block * bm))
     return y.view(x.shape), x2, rstd
 
 
@@ -106,7 +111,8 @@ def rms_norm_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, 
     if n:
         _rms_norm_bwd_kernel[(progs,)](dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0),
                                        dx.stride(0), n, h, offset, rows_per_prog, GEMMA=casting == "gemma",
-                                       HAS_DW=need_dw, BLOCK=block, num_warps=row_warps(block))
+                                       HAS_DW=need_dw, BLOCK_M=_rows_per_block(block, x2.device), BLOCK=block,
+                                       num_warps=row_warps(block))
     dw = None
     if need_dw:
         dw = dw_part.sum(0).to(weight.dtype) if n else torch.zeros_like(weight)

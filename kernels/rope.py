@@ -31,13 +31,14 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _rotate_heads(X, O, x_sb, x_sh, x_st, o_sb, o_sh, o_st, b, t, n_heads, c1, c2, s1, s2,
+    def _rotate_heads(X, O, x_sb, x_sh, x_st, o_sb, o_sh, o_st, b, t, nmask, n_heads, c1, c2, s1, s2,
                       HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                       BACKWARD: tl.constexpr):
-        hh = tl.arange(0, BLOCK_H)[:, None]
-        dd = tl.arange(0, BLOCK_D)[None, :]
-        mask = (hh < n_heads) & (dd < HALF)
-        xp = X + b * x_sb + t * x_st + hh * x_sh + dd
+        # tile (BLOCK_T tokens, BLOCK_H heads, BLOCK_D = D/2 padded); b, t: (BLOCK_T,) int64
+        hh = tl.arange(0, BLOCK_H)[None, :, None]
+        dd = tl.arange(0, BLOCK_D)[None, None, :]
+        mask = nmask[:, None, None] & (hh < n_heads) & (dd < HALF)
+        xp = X + (b * x_sb + t * x_st)[:, None, None] + hh * x_sh + dd
         x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(xp + HALF, mask=mask, other=0.0).to(tl.float32)
         if BACKWARD:  # transpose of the rotation
@@ -46,45 +47,45 @@ if HAS_TRITON:
         else:
             o1 = x1 * c1 - x2 * s1
             o2 = x2 * c2 + x1 * s2
-        op = O + b * o_sb + t * o_st + hh * o_sh + dd
+        op = O + (b * o_sb + t * o_st)[:, None, None] + hh * o_sh + dd
         tl.store(op, o1.to(O.dtype.element_ty), mask=mask)
         tl.store(op + HALF, o2.to(O.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rope_kernel(Q, K, QO, KO, COS, SIN, POS, INV_FREQ,
                      q_sb, q_sh, q_st, k_sb, k_sh, k_st, qo_sb, qo_sh, qo_st, ko_sb, ko_sh, ko_st,
-                     c_sb, c_st, p_s0, p_sb, p_st, T, HQ, HK, scaling,
+                     c_sb, c_st, p_s0, p_sb, p_st, n_tok, T, HQ, HK, scaling,
                      HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr,
-                     BLOCK_HK: tl.constexpr, FROM_POS: tl.constexpr, SEC0: tl.constexpr,
-                     SEC1: tl.constexpr, BACKWARD: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)
-        b = pid // T
-        t = pid % T
-        d = tl.arange(0, BLOCK_D)
-        dm = d < HALF
+                     BLOCK_HK: tl.constexpr, BLOCK_T: tl.constexpr, FROM_POS: tl.constexpr,
+                     SEC0: tl.constexpr, SEC1: tl.constexpr, BACKWARD: tl.constexpr):
+        n = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # flat (b, t) token index
+        nmask = n < n_tok
+        b = n // T
+        t = n % T
+        d = tl.arange(0, BLOCK_D)[None, :]
+        m2 = nmask[:, None] & (d < HALF)
         if FROM_POS:
             # M-RoPE: frequency j takes the position row (t, h, w) of its section; 1-D: SEC0 = HALF.
             sec = (d >= SEC0).to(tl.int64) + (d >= SEC0 + SEC1).to(tl.int64)
-            pos = tl.load(POS + sec * p_s0 + b * p_sb + t * p_st, mask=dm, other=0).to(tl.float32)
-            ang = pos * tl.load(INV_FREQ + d, mask=dm, other=0.0).to(tl.float32)
+            pos = tl.load(POS + sec * p_s0 + (b * p_sb + t * p_st)[:, None], mask=m2, other=0).to(tl.float32)
+            ang = pos * tl.load(INV_FREQ + d, mask=d < HALF, other=0.0).to(tl.float32)
             c1 = tl.cos(ang) * scaling
             s1 = tl.sin(ang) * scaling
             c2 = c1
             s2 = s1
         else:
-            cp = COS + b * c_sb + t * c_st + d
-            sp = SIN + b * c_sb + t * c_st + d
-            c1 = tl.load(cp, mask=dm, other=0.0).to(tl.float32)
-            c2 = tl.load(cp + HALF, mask=dm, other=0.0).to(tl.float32)
-            s1 = tl.load(sp, mask=dm, other=0.0).to(tl.float32)
-            s2 = tl.load(sp + HALF, mask=dm, other=0.0).to(tl.float32)
-        c1 = c1[None, :]
-        c2 = c2[None, :]
-        s1 = s1[None, :]
-        s2 = s2[None, :]
-        _rotate_heads(Q, QO, q_sb, q_sh, q_st, qo_sb, qo_sh, qo_st, b, t, HQ, c1, c2, s1, s2,
+            off = (b * c_sb + t * c_st)[:, None] + d
+            c1 = tl.load(COS + off, mask=m2, other=0.0).to(tl.float32)
+            c2 = tl.load(COS + off + HALF, mask=m2, other=0.0).to(tl.float32)
+            s1 = tl.load(SIN + off, mask=m2, other=0.0).to(tl.float32)
+            s2 = tl.load(SIN + off + HALF, mask=m2, other=0.0).to(tl.float32)
+        c1 = c1[:, None, :]
+        c2 = c2[:, None, :]
+        s1 = s1[:, None, :]
+        s2 = s2[:, None, :]
+        _rotate_heads(Q, QO, q_sb, q_sh, q_st, qo_sb, qo_sh, qo_st, b, t, nmask, HQ, c1, c2, s1, s2,
                       HALF, BLOCK_HQ, BLOCK_D, BACKWARD)
-        _rotate_heads(K, KO, k_sb, k_sh, k_st, ko_sb, ko_sh, ko_st, b, t, HK, c1, c2, s1, s2,
+        _rotate_heads(K, KO, k_sb, k_sh, k_st, ko_sb, ko_sh, ko_st, b, t, nmask, HK, c1, c2, s1, s2,
                       HALF, BLOCK_HK, BLOCK_D, BACKWARD)
 
 
@@ -116,13 +117,19 @@ def _launch(q, k, cos, sin, pos, inv_freq, sections, scaling, backward):
         p_s0 = p_sb = p_st = 0
         pos = inv_freq = cos
         sec0 = sec1 = half
-    if bsz * t:
-        _rope_kernel[(bsz * t,)](q, k, qo, ko, cos, sin, pos, inv_freq,
-                                 *q.stride()[:3], *k.stride()[:3], *qo.stride()[:3], *ko.stride()[:3],
-                                 c_sb, c_st, p_s0, p_sb, p_st, t, hq, hk, float(scaling),
-                                 HALF=half, BLOCK_D=next_pow2(half), BLOCK_HQ=next_pow2(hq),
-                                 BLOCK_HK=next_pow2(hk), FROM_POS=from_pos, SEC0=sec0, SEC1=sec1,
-                                 BACKWARD=backward, num_warps=4)
+    n_tok = bsz * t
+    # one token per program on a GPU (28 x 64 x 2 elements of q per token at Qwen-7B); under the
+    # interpreter, which pays per operation, up to 64 tokens per program
+    per_tok = next_pow2(hq) * next_pow2(half)
+    block_t = 1 if q.is_cuda else max(1, min(64, next_pow2(n_tok), 32768 // per_tok))
+    if n_tok:
+        _rope_kernel[(triton.cdiv(n_tok, block_t),)](
+            q, k, qo, ko, cos, sin, pos, inv_freq,
+            *q.stride()[:3], *k.stride()[:3], *qo.stride()[:3], *ko.stride()[:3],
+            c_sb, c_st, p_s0, p_sb, p_st, n_tok, t, hq, hk, float(scaling),
+            HALF=half, BLOCK_D=next_pow2(half), BLOCK_HQ=next_pow2(hq), BLOCK_HK=next_pow2(hk),
+            BLOCK_T=block_t, FROM_POS=from_pos, SEC0=sec0, SEC1=sec1, BACKWARD=backward,
+            num_warps=4 if per_tok <= 2048 else 8)
     return qo, ko
 
 

@@ -345,7 +345,12 @@ def _starts_with_bos(text: str, tokenizer) -> bool:
 
 
 def _image_token_id(processor) -> int | None:
-    tid = getattr(processor, "image_token_id", None)
+    """Id of the token that stands for one vision feature (Gemma 3's processor names its <start_of_image>
+    marker ``image_token``; the feature token is the tokenizer's ``<image_soft_token>``)."""
+    tok = getattr(processor, "tokenizer", None)
+    tid = getattr(tok, "image_token_id", None) if tok is not None else None
+    if not isinstance(tid, int):
+        tid = getattr(processor, "image_token_id", None)
     if tid is None and getattr(processor, "image_token", None) is not None:
         tok = getattr(processor, "tokenizer", processor)
         tid = tok.convert_tokens_to_ids(processor.image_token)

@@ -78,6 +78,8 @@ def load_image(
     source = describe_ref(ref)
 
     def fail(reason: str) -> ImageLoadError:
+        if len(reason) > 300:  # PIL echoes file names, which may be whole base64 strings
+            reason = reason[:300] + "..."
         return ImageLoadError(f"{where}: cannot use image {source}: {reason}")
 
     try:
@@ -151,7 +153,7 @@ def _open(ref: Any, base_dir, timeout: float, retries: int) -> Image.Image:
     path = Path(ref).expanduser()
     candidates = [path] if path.is_absolute() or base_dir is None else [Path(base_dir) / path, path]
     for c in candidates:
-        if c.is_file():
+        if _is_file(c):
             return _open_path(c, None)
     if len(ref) >= 32 and _B64_RE.match(ref):  # long and no file of that name: try base64
         try:
@@ -160,6 +162,13 @@ def _open(ref: Any, base_dir, timeout: float, retries: int) -> Image.Image:
             pass
     tried = ", ".join(str(c) for c in candidates)
     raise ImageLoadError(f"file not found (tried {tried})")
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. "File name too long" for a base64 string
+        return False
 
 
 def _open_path(path: Path, base_dir) -> Image.Image:
@@ -192,7 +201,9 @@ def _decode(data: bytes) -> Image.Image:
 
 def _download(url: str, timeout: float, retries: int) -> bytes:
     last: Exception | None = None
+    attempts = 0
     for attempt in range(retries + 1):
+        attempts += 1
         try:
             req = urllib.request.Request(url, headers={"User-Agent": "vlm-lightning/0.1"})
             with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -205,9 +216,9 @@ def _download(url: str, timeout: float, retries: int) -> bytes:
             last = e
         if attempt < retries:
             time.sleep(0.5 * 2**attempt)
-    reason = getattr(last, "reason", last)
+    reason = f"HTTP Error {last.code} {last.reason}" if isinstance(last, urllib.error.HTTPError) else getattr(last, "reason", last)
     raise ImageLoadError(
-        f"download failed after {retries + 1} attempt(s) (timeout {timeout}s): {reason}. "
+        f"download failed after {attempts} attempt(s) (timeout {timeout}s): {reason}. "
         "Offline? Download the images and point the dataset at local paths."
     )
 

@@ -133,7 +133,7 @@ FAMILIES: dict[str, FamilySpec] = {
     ),
     "llava_next": FamilySpec(
         name="llava_next", model_types=("llava_next",),
-        vision_layers="model.vision_tower.vision_model.encoder.layers",  # CLIP
+        vision_layers="model.vision_tower.encoder.layers",  # CLIPVisionModel (flat in transformers 5)
         vision_attention_modules=("q_proj", "k_proj", "v_proj", "out_proj"), vision_mlp_modules=("fc1", "fc2"),
         norm="rms", mlp_act="swiglu", rope="rope",
         image_token="<image>", image_special_tokens=("<image>",),
@@ -151,7 +151,7 @@ FAMILIES: dict[str, FamilySpec] = {
     ),
     "gemma3": FamilySpec(
         name="gemma3", model_types=("gemma3",),
-        vision_layers="model.vision_tower.vision_model.encoder.layers",  # SigLIP
+        vision_layers="model.vision_tower.encoder.layers",  # SiglipVisionModel (flat in transformers 5)
         vision_attention_modules=("q_proj", "k_proj", "v_proj", "out_proj"), vision_mlp_modules=("fc1", "fc2"),
         norm="gemma_rms", mlp_act="geglu_tanh", rope="rope",
         image_token="<image_soft_token>",

@@ -38,7 +38,8 @@ TINY_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "ocr_demo": ("qwen2_vl", {
         "text_config": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
                         "num_attention_heads": 4, "num_key_value_heads": 2,
-                        "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]}},
+                        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                                            "mrope_section": [4, 6, 6]}},
         "vision_config": {"depth": 2, "embed_dim": 64, "hidden_size": 128, "num_heads": 4, "mlp_ratio": 2},
     }),
 }
@@ -82,10 +83,7 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        torch_state = torch.random.get_rng_state()
-        torch.manual_seed(0)  # the same tiny model on every machine
-        make_tiny_vlm(family, tmp / "model", **overrides)
-        torch.random.set_rng_state(torch_state)
+        make_tiny_vlm(family, tmp / "model", seed=0, **overrides)  # same seed: same model everywhere
         try:
             os.replace(tmp / "model", target)
         except OSError:  # another process won the race

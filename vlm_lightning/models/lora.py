@@ -85,7 +85,9 @@ def select_lora_modules(model: nn.Module, family_spec, finetune_language_layers:
         parts.append(("language", family_spec.decoder_layers, None,
                       tuple(family_spec.attention_modules), tuple(family_spec.mlp_modules)))
     if finetune_vision_layers:
-        parts.append(("vision", family_spec.vision_tower, family_spec.projector, (), ()))
+        parts.append(("vision", family_spec.vision_tower, family_spec.projector,
+                      tuple(getattr(family_spec, "vision_attention_modules", ())),
+                      tuple(getattr(family_spec, "vision_mlp_modules", ()))))
     for part, root, exclude, attn_leaves, mlp_leaves in parts:
         found = [n for n in linears if _under(n, root) and not _under(n, exclude)
                  and _component(n, root, attn_leaves, mlp_leaves) in wanted]
@@ -100,8 +102,14 @@ def build_target_regex(model: nn.Module, module_names: Iterable[str]) -> str:
     """One regex (PEFT full-matches it against module names) covering exactly ``module_names``, with the
     layer index of every ModuleList generalised, so it stays short for a 28-layer model."""
     module_lists = {n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)}
-    patterns = sorted({_generalised_pattern(n, module_lists) for n in module_names})
-    return "(?:" + "|".join(patterns) + ")"
+    by_parent: dict[str, set[str]] = {}
+    for name in module_names:
+        parent, _, leaf = _generalised_pattern(name, module_lists).rpartition(r"\.")
+        by_parent.setdefault(parent, set()).add(leaf)
+    alternatives = [(rf"{parent}\." if parent else "") + (leaves.pop() if len(leaves) == 1 else
+                                                          "(?:" + "|".join(sorted(leaves)) + ")")
+                    for parent, leaves in sorted(by_parent.items())]
+    return "(?:" + "|".join(alternatives) + ")"
 
 
 def _check_patterns_match(model: nn.Module, target_modules, modules_to_save) -> None:
@@ -164,7 +172,11 @@ def enable_gradient_checkpointing(model: nn.Module, family_spec=None, use_reentr
     """Activation checkpointing (non-reentrant by default) with input gradients switched on for the text
     embeddings and the vision patch embedding, so that under *reentrant* checkpointing too every LoRA layer,
     vision ones included, still gets a gradient (transformers PR#41993, peft#2880)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
     hooks = getattr(model, "_vlm_input_grad_hooks", [])

@@ -1,0 +1,4 @@
+"""LightningModules: supervised fine-tuning (``VisionSFTModule``)."""
+from .sft import VisionSFTModule
+
+__all__ = ["VisionSFTModule"]

@@ -119,6 +119,143 @@ def _build_qwen(family: str, overrides: dict, processor_kwargs: dict) -> _Built:
                   pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"])
 
 
+# ------------------------------------------------------------------------------------- LLaVA-NeXT
+def _build_llava_next(family: str, overrides: dict, processor_kwargs: dict) -> _Built:
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    # llava-hf/llava-v1.6-vicuna-7b-hf: Llama/Vicuna tokenizer (<unk>=0, <s>=1, </s>=2, adds <s>),
+    # <image> and <pad> appended after the text vocabulary.
+    tok = build_tokenizer(
+        leading=["<unk>", "<s>", "</s>"], trailing=["<image>", "<pad>"], bos="<s>", eos="</s>", pad="<pad>",
+        unk="<unk>", add_bos=True, extra_special_tokens={"image_token": "<image>"},
+        chat_template=chat_templates.LLAVA_NEXT_VICUNA,
+    )
+    image_id, pad_id = tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("<pad>")
+    side = 28  # CLIP input: 2x2 patches of 14 per tile (real: 336 px, 24x24 patches)
+    cfg = dict(
+        model_type="llava_next",
+        text_config=dict(_TEXT, model_type="llama", vocab_size=_padded_vocab(len(tok)), rms_norm_eps=1e-5,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                         bos_token_id=1, eos_token_id=2, pad_token_id=pad_id),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=2, image_size=side, patch_size=14,
+                           projection_dim=32, hidden_act="quick_gelu"),
+        image_token_index=image_id, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_grid_pinpoints=[[side, 2 * side], [2 * side, side], [2 * side, 2 * side], [3 * side, side], [side, 3 * side]],
+        image_seq_length=(side // 14) ** 2, projector_hidden_act="gelu", tie_word_embeddings=False,
+        pad_token_id=pad_id,
+    )
+    config = AutoConfig.for_model(**_merge(cfg, overrides))
+    v = config.vision_config
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": v.image_size}, crop_size={"height": v.image_size, "width": v.image_size},
+        image_grid_pinpoints=config.image_grid_pinpoints,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=v.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy, num_additional_image_tokens=1,
+        chat_template=chat_templates.LLAVA_NEXT_VICUNA, **processor_kwargs,
+    )
+    return _Built(config, processor, eos_token_ids=[2], pad_token_id=pad_id, bos_token_id=1)
+
+
+# ---------------------------------------------------------------- Pixtral and Mistral3 (Mistral tokens)
+# The first 20 control tokens of Mistral's tekken vocabulary, at their real ids ([IMG]=10, <pad>=11).
+_MISTRAL_CONTROL = [
+    "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]",
+    "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]",
+]
+
+
+def _mistral_tokenizer(template: str):
+    return build_tokenizer(
+        leading=_MISTRAL_CONTROL, trailing=[], bos="<s>", eos="</s>", pad="<pad>", unk="<unk>", add_bos=True,
+        chat_template=template,
+    )
+
+
+def _build_mistral_family(family: str, overrides: dict, processor_kwargs: dict) -> _Built:
+    from transformers import PixtralImageProcessor, PixtralProcessor
+
+    template = chat_templates.PIXTRAL if family == "pixtral" else chat_templates.MISTRAL3
+    tok = _mistral_tokenizer(template)
+    text = dict(_TEXT, vocab_size=len(tok), rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=11)
+    if family == "mistral3":
+        # Ministral-3 (2512) text: yarn RoPE plus the llama-4 query scaling (Ministral3Config's default
+        # rope_parameters) over a 256k context.
+        text.update(model_type="ministral3", max_position_embeddings=262144)
+    else:
+        text.update(model_type="mistral", sliding_window=None,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000000.0})
+    if family == "pixtral":
+        # mistral-community/pixtral-12b: LLaVA with a Pixtral tower, patch 16, no spatial merge.
+        patch, merge, side = 16, 1, 64
+        vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, head_dim=16, image_size=side, patch_size=patch,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        cfg = dict(model_type="llava", text_config=text, vision_config=vision, image_token_index=10,
+                   vision_feature_layer=-1, vision_feature_select_strategy="full", projector_hidden_act="gelu",
+                   multimodal_projector_bias=True, image_seq_length=1, tie_word_embeddings=False)
+    else:
+        # Mistral-Small-3.1 / Ministral-3: Mistral3 with a Pixtral tower, patch 14, 2x2 spatial merge.
+        patch, merge, side = 14, 2, 112
+        vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, head_dim=16, image_size=side, patch_size=patch,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        cfg = dict(model_type="mistral3", text_config=text, vision_config=vision, image_token_index=10,
+                   vision_feature_layer=-1, spatial_merge_size=merge, projector_hidden_act="gelu",
+                   multimodal_projector_bias=False, tie_word_embeddings=False)
+    config = AutoConfig.for_model(**_merge(cfg, overrides))
+    v = config.vision_config
+    image_processor = PixtralImageProcessor(
+        size={"longest_edge": v.image_size}, patch_size={"height": v.patch_size, "width": v.patch_size},
+    )
+    processor = PixtralProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=v.patch_size,
+        spatial_merge_size=getattr(config, "spatial_merge_size", 1), chat_template=template, **processor_kwargs,
+    )
+    return _Built(config, processor, eos_token_ids=[2], pad_token_id=11, bos_token_id=1)
+
+
+# ---------------------------------------------------------------------------------------- Gemma 3
+def _build_gemma3(family: str, overrides: dict, processor_kwargs: dict) -> _Built:
+    from transformers import Gemma3ImageProcessor, Gemma3Processor
+
+    # google/gemma-3-4b-it: <pad>=0, <eos>=1, <bos>=2, <unk>=3 (adds <bos>); turn and image markers.
+    tok = build_tokenizer(
+        leading=["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"],
+        trailing=["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"],
+        bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>", add_bos=True,
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                              "image_token": "<image_soft_token>"},
+        chat_template=chat_templates.GEMMA3,
+    )
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<start_of_image>", "<end_of_image>", "<image_soft_token>", "<end_of_turn>")}
+    side, mm_tokens = 56, 4  # SigLIP 56 px = 4x4 patches of 14, pooled to 2x2 = 4 tokens (real: 896 px -> 256)
+    cfg = dict(
+        model_type="gemma3",
+        text_config=dict(_TEXT, model_type="gemma3_text", vocab_size=_padded_vocab(len(tok)), rms_norm_eps=1e-6,
+                         query_pre_attn_scalar=_TEXT["head_dim"], sliding_window=512,
+                         layer_types=["sliding_attention", "full_attention"],
+                         hidden_activation="gelu_pytorch_tanh", bos_token_id=2, eos_token_id=1, pad_token_id=0),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=2, image_size=side, patch_size=14,
+                           vision_use_head=False),
+        mm_tokens_per_image=mm_tokens, boi_token_index=ids["<start_of_image>"],
+        eoi_token_index=ids["<end_of_image>"], image_token_index=ids["<image_soft_token>"],
+        tie_word_embeddings=True, bos_token_id=2, eos_token_id=[1, ids["<end_of_turn>"]], pad_token_id=0,
+    )
+    config = AutoConfig.for_model(**_merge(cfg, overrides))
+    v = config.vision_config
+    image_processor = Gemma3ImageProcessor(size={"height": v.image_size, "width": v.image_size}, do_pan_and_scan=False)
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tok,
+                                image_seq_length=config.mm_tokens_per_image,
+                                chat_template=chat_templates.GEMMA3, **processor_kwargs)
+    # the real generation config stops on <eos> and <end_of_turn>
+    return _Built(config, processor, eos_token_ids=[1, ids["<end_of_turn>"]], pad_token_id=0, bos_token_id=2)
+
+
 def _processor_class(family: str):
     import transformers
 
@@ -133,6 +270,11 @@ def _processor_class(family: str):
 _BUILDERS: dict[str, Callable[[str, dict, dict], _Built]] = {
     "qwen2_vl": _build_qwen,
     "qwen2_5_vl": _build_qwen,
+    "llava_next": _build_llava_next,
+    "pixtral": _build_mistral_family,
+    "gemma3": _build_gemma3,
+    "mistral3": _build_mistral_family,
+    "mistral3_small": _build_mistral_family,
 }
 
 TINY_FAMILIES: tuple[str, ...] = (

@@ -1,0 +1,94 @@
+"""`MergeLoRA`: write the LoRA-merged 16-bit model at the end of `fit` (or when asked)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch import Callback
+
+__all__ = ["MergeLoRA"]
+
+
+class MergeLoRA(Callback):
+    """Merge the module's LoRA adapter into the 16-bit base weights and save a standalone HF folder.
+
+    Runs at `on_fit_end` (unless `at_fit_end=False`); call `merge(trainer, pl_module)` for an on-demand
+    merge. Global rank zero writes; the other ranks wait at a barrier. With a 4-bit base the original
+    16-bit weights are reloaded from the module's `model_name_or_path` (see `vlm_lightning.export.merge_lora`).
+
+    Args:
+        out_dir: folder for the merged model (safetensors shards, config, processor, chat template).
+        base_name_or_path: 16-bit base weights, if not the module's own `name_or_path`.
+        dtype: dtype of the merged weights ("bfloat16", "float16", "float32").
+        max_shard_size: safetensors shard size, e.g. "2GB".
+        adapter_dir: also save the bare adapter here (`PeftModel.save_pretrained`), if set.
+        at_fit_end: merge when `fit` ends.
+        push_to_hub: Hub repo id to upload the merged folder to (token from `HF_TOKEN`).
+        private: create the Hub repo as private.
+
+    Example:
+        >>> trainer = L.Trainer(callbacks=[MergeLoRA("runs/demo/merged")])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        out_dir: str,
+        base_name_or_path: str | None = None,
+        dtype: str = "bfloat16",
+        max_shard_size: str = "2GB",
+        adapter_dir: str | None = None,
+        at_fit_end: bool = True,
+        push_to_hub: str | None = None,
+        private: bool = True,
+    ):
+        self.out_dir = Path(out_dir)
+        self.base_name_or_path = base_name_or_path
+        self.dtype = dtype
+        self.max_shard_size = max_shard_size
+        self.adapter_dir = Path(adapter_dir) if adapter_dir else None
+        self.at_fit_end = at_fit_end
+        self.push_to_hub = push_to_hub
+        self.private = private
+        self.last_path: Path | None = None
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.at_fit_end and not getattr(trainer, "fast_dev_run", False):
+            self.merge(trainer, pl_module)
+
+    def merge(self, trainer, pl_module) -> Path | None:
+        """Merge now; returns the folder on rank zero, None elsewhere."""
+        from ..export.merge import merge_lora
+
+        path = None
+        error: BaseException | None = None
+        if trainer.is_global_zero:
+            try:
+                if self.adapter_dir is not None:
+                    pl_module.model.save_pretrained(self.adapter_dir)
+                    proc = getattr(pl_module, "processor", None)
+                    if proc is not None:
+                        proc.save_pretrained(self.adapter_dir)
+                path = merge_lora(
+                    pl_module, self.out_dir, base_name_or_path=self.base_name_or_path or _module_base(pl_module),
+                    max_shard_size=self.max_shard_size, dtype=self.dtype,
+                    push_to_hub=self.push_to_hub, private=self.private,
+                )
+                self.last_path = path
+            except BaseException as err:  # let the other ranks leave the barrier, then raise
+                error = err
+        trainer.strategy.barrier("vlm_lightning.merge_lora")
+        if error is not None:
+            raise error
+        return path
+
+    def state_dict(self) -> dict:
+        return {"last_path": str(self.last_path) if self.last_path else None}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        last = state_dict.get("last_path")
+        self.last_path = Path(last) if last else None
+
+
+def _module_base(pl_module) -> str | None:
+    hp = getattr(pl_module, "hparams", None) or {}
+    name = hp.get("model_name_or_path") if hasattr(hp, "get") else None
+    return name or getattr(pl_module, "model_name_or_path", None)

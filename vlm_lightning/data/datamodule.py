@@ -1,0 +1,476 @@
+"""VisionChatDataModule: load rows, split, validate once, and serve collated batches."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .collate import OverlongRowError, VisionChatCollator
+from .formats import DEFAULT_INSTRUCTION, FormatOptions, RowFormatError, count_images, normalize_row
+from .images import ImageLoadError
+
+log = logging.getLogger(__name__)
+
+_BAD_ROW_ERRORS = (ImageLoadError, RowFormatError, OverlongRowError)
+
+
+# ------------------------------------------------------------------------------------------ dataset
+
+
+class ConversationDataset(Dataset):
+    """Raw rows (a list, or a ``datasets.Dataset``) normalised lazily; ``indices`` picks and orders rows.
+
+    Item ``i`` is ``normalize_row(rows[indices[i]], indices[i], opts)``: the row index in every error
+    message is the row's position in its source file.
+    """
+
+    def __init__(self, rows: Sequence[Mapping[str, Any]], opts: FormatOptions, indices: Sequence[int] | None = None,
+                 name: str = "train"):
+        self.rows = rows
+        self.opts = opts
+        self.indices = list(range(len(rows))) if indices is None else list(indices)
+        self.name = name
+        self._class_labels = _class_label_columns(rows)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def raw(self, i: int) -> Mapping[str, Any]:
+        row = self.rows[self.indices[i]]
+        if self._class_labels:
+            row = dict(row)
+            for col, feat in self._class_labels.items():
+                if isinstance(row.get(col), int):
+                    row[col] = feat.int2str(row[col])
+        return row
+
+    def __getitem__(self, i: int) -> dict:
+        return normalize_row(self.raw(i), self.indices[i], self.opts)
+
+    def subset(self, keep: Sequence[int]) -> ConversationDataset:
+        """A view holding only positions ``keep`` (positions in this dataset, not source indices)."""
+        return ConversationDataset(self.rows, self.opts, [self.indices[k] for k in keep], self.name)
+
+
+def _class_label_columns(rows) -> dict:
+    features = getattr(rows, "features", None)
+    if not features:
+        return {}
+    try:
+        from datasets import ClassLabel
+    except ImportError:  # pragma: no cover
+        return {}
+    return {k: f for k, f in features.items() if isinstance(f, ClassLabel)}
+
+
+def load_rows(source: Any, split: str = "train") -> tuple[Sequence[Mapping[str, Any]], str | None]:
+    """Rows and the folder relative image paths resolve against, from a list, a file, a folder or a hub id.
+
+    - Python list/tuple of dicts, or a ``datasets.Dataset``.
+    - ``.jsonl`` / ``.json`` files: read with ``json`` (rows may differ in shape, which Arrow would refuse).
+    - ``.parquet`` / ``.csv`` files, an imagefolder directory (images + optional ``metadata.jsonl``) or a
+      ``save_to_disk`` directory: through ``datasets``.
+    - anything else is a hub id (``"org/name"`` or ``"org/name:split"``), loaded only when online.
+    """
+    if source is None:
+        return [], None
+    if isinstance(source, (list, tuple)):
+        return list(source), None
+    if hasattr(source, "features") and hasattr(source, "__getitem__"):  # datasets.Dataset
+        return source, None
+    path = Path(os.path.expanduser(str(source)))
+    if path.is_file():
+        suffix = path.suffix.lower()
+        base = str(path.parent.resolve())
+        if suffix == ".jsonl":
+            rows = []
+            with path.open(encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise ValueError(f"{path}:{n}: invalid JSON ({e})") from None
+            return rows, base
+        if suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, Mapping):
+                data = data.get(split, data.get("data"))
+            if not isinstance(data, list):
+                raise ValueError(f"{path}: expected a JSON list of rows (or a dict with a '{split}' or 'data' list)")
+            return data, base
+        import datasets
+
+        kind = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}.get(suffix)
+        if kind is None:
+            raise ValueError(f"{path}: unsupported file type {suffix!r} (jsonl, json, parquet, csv, arrow)")
+        return datasets.load_dataset(kind, data_files=str(path), split="train"), base
+    if path.is_dir():
+        import datasets
+
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[split]
+            return ds, str(path.resolve())
+        return datasets.load_dataset("imagefolder", data_dir=str(path), split="train"), str(path.resolve())
+    return _load_hub(str(source), split), None
+
+
+def _load_hub(name: str, split: str):
+    offline = any(os.environ.get(k, "0").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if offline or "/" not in name or name.startswith((".", "/")):
+        raise FileNotFoundError(
+            f"dataset {name!r} is not a local file or folder"
+            + (" and the hub is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)" if offline else "")
+        )
+    import datasets
+
+    if ":" in name:
+        name, split = name.split(":", 1)
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as e:  # noqa: BLE001 - add the context the datasets error lacks
+        raise FileNotFoundError(f"could not load hub dataset {name!r} split {split!r} (offline?): {e}") from e
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+@dataclass
+class SplitCheck:
+    """What ``check()`` found in one split."""
+
+    name: str
+    rows: int = 0
+    ok: int = 0
+    images: int = 0
+    truncated: int = 0
+    overlong: int = 0
+    image_token_mismatches: int = 0
+    tokens: list[int] = field(default_factory=list, repr=False)
+    supervised: list[int] = field(default_factory=list, repr=False)
+    errors: list[tuple[int, str]] = field(default_factory=list)  # (row index, reason)
+
+    @property
+    def bad(self) -> int:
+        return self.rows - self.ok
+
+    def summary(self) -> str:
+        if not self.tokens:
+            return f"{self.name}: {self.rows} rows, {self.ok} ok, {self.bad} bad"
+        t = self.tokens
+        return (
+            f"{self.name}: {self.rows} rows, {self.ok} ok, {self.bad} bad | images {self.images} | tokens "
+            f"min {min(t)} mean {statistics.fmean(t):.0f} max {max(t)} | supervised min {min(self.supervised)} | "
+            f"truncated {self.truncated} | overlong {self.overlong} | image-token mismatches "
+            f"{self.image_token_mismatches}"
+        )
+
+
+@dataclass
+class DataCheckReport:
+    """Result of :meth:`VisionChatDataModule.check`; ``str(report)`` is the printed summary."""
+
+    splits: dict[str, SplitCheck]
+    max_length: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(s.bad == 0 and s.image_token_mismatches == 0 for s in self.splits.values())
+
+    @property
+    def bad_indices(self) -> dict[str, list[int]]:
+        return {k: [i for i, _ in s.errors] for k, s in self.splits.items()}
+
+    def __str__(self) -> str:
+        lines = [f"data check (max_length={self.max_length}): {'OK' if self.ok else 'PROBLEMS FOUND'}"]
+        for s in self.splits.values():
+            lines.append("  " + s.summary())
+            for idx, reason in s.errors[:5]:
+                lines.append(f"    row {idx}: {reason[:200]}")
+            if len(s.errors) > 5:
+                lines.append(f"    ... and {len(s.errors) - 5} more")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------- datamodule
+
+
+class VisionChatDataModule(L.LightningDataModule):
+    """Chat-style multimodal data for SFT / GRPO: rows -> normalised conversations -> collated batches.
+
+    Args:
+        model_name_or_path: where ``AutoProcessor`` loads the processor from (ignored if ``processor`` given).
+        train, val, test: a list of rows, a ``.jsonl``/``.json``/``.parquet`` file, an imagefolder or
+            ``save_to_disk`` folder, or a hub id (only when online). Row formats: see ``data/formats.py``.
+        processor: a ready processor (skips ``AutoProcessor``).
+        batch_size, eval_batch_size, num_workers: DataLoader settings (eval defaults to ``batch_size``).
+        seed: seeds the train shuffle and the ``val_fraction`` split.
+        val_fraction: when ``val`` is not given, this fraction of ``train`` becomes the validation split.
+        format, system_prompt, instruction, *_column: how rows are read (``FormatOptions``).
+        max_length, train_on_responses_only, on_overlong: collator settings.
+        on_bad_example: "raise" stops at the first bad row; "skip" validates every row in ``setup`` (images,
+            tokens, truncation), drops bad ones, and reports the counts (printed and to the logger).
+        validate: run that validation even with "raise" (default: only with "skip").
+        min_pixels, max_pixels: image pixel bounds (images are resized, and Qwen-VL processors configured).
+        eval_for_generation: val/test batches are prompt-only (left padded, with ``references``) instead of
+            teacher-forced batches with labels.
+        train_for_generation: train batches are prompt-only too (GRPO samples its own completions).
+
+    Example:
+        >>> dm = VisionChatDataModule("path/to/tiny-qwen2-vl", train="data/train.jsonl", val_fraction=0.1,
+        ...                           batch_size=4, max_length=1024)
+        >>> dm.setup("fit")
+        >>> report = dm.check()  # prints a short report
+        >>> batch = next(iter(dm.train_dataloader()))
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        train: Any = None,
+        val: Any = None,
+        test: Any = None,
+        processor: Any = None,
+        batch_size: int = 1,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        val_fraction: float = 0.0,
+        format: str = "auto",
+        system_prompt: str | None = None,
+        instruction: str = DEFAULT_INSTRUCTION,
+        image_column: str | None = None,
+        text_column: str | None = None,
+        question_column: str | None = None,
+        answer_column: str | None = None,
+        max_length: int | None = None,
+        train_on_responses_only: bool = True,
+        on_overlong: str = "raise",
+        on_bad_example: str = "raise",
+        validate: bool | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        eval_for_generation: bool = False,
+        train_for_generation: bool = False,
+    ):
+        super().__init__()
+        if on_bad_example not in ("raise", "skip"):
+            raise ValueError(f"on_bad_example={on_bad_example!r}: expected 'raise' or 'skip'")
+        if on_overlong not in ("raise", "skip"):
+            raise ValueError(f"on_overlong={on_overlong!r}: expected 'raise' or 'skip'")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+        if model_name_or_path is None and processor is None:
+            raise ValueError("pass model_name_or_path (to build the processor) or processor=")
+        self.save_hyperparameters(ignore=["train", "val", "test", "processor"])
+        self.model_name_or_path = model_name_or_path
+        self.sources = {"train": train, "val": val, "test": test}
+        self.processor = processor
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.val_fraction = val_fraction
+        self.format_kwargs = dict(
+            format=format, system_prompt=system_prompt, instruction=instruction, image_column=image_column,
+            text_column=text_column, question_column=question_column, answer_column=answer_column,
+        )
+        FormatOptions(**self.format_kwargs)  # validate early
+        self.max_length = max_length
+        self.train_on_responses_only = train_on_responses_only
+        self.on_overlong = on_overlong
+        self.on_bad_example = on_bad_example
+        self.validate = (on_bad_example == "skip") if validate is None else validate
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.eval_for_generation = eval_for_generation
+        self.train_for_generation = train_for_generation
+        self.datasets: dict[str, ConversationDataset] = {}
+        self.num_skipped: dict[str, int] = {}
+        self.report: DataCheckReport | None = None
+
+    # ----------------------------------------------------------------------------------- processor
+
+    def get_processor(self):
+        """The processor (built from ``model_name_or_path`` on first use, with the pixel bounds applied)."""
+        if self.processor is None:
+            from transformers import AutoProcessor
+
+            self.processor = AutoProcessor.from_pretrained(self.model_name_or_path)
+        apply_pixel_bounds(self.processor, self.min_pixels, self.max_pixels)
+        return self.processor
+
+    def collator(self, for_generation: bool = False) -> VisionChatCollator:
+        return VisionChatCollator(
+            self.get_processor(), max_length=self.max_length, train_on_responses_only=self.train_on_responses_only,
+            for_generation=for_generation, on_overlong=self.on_overlong, min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels, on_bad_example=self.on_bad_example,
+        )
+
+    # --------------------------------------------------------------------------------------- setup
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        self.get_processor()
+        loaded = {}
+        for name, source in self.sources.items():
+            if source is not None:
+                rows, base = load_rows(source, {"val": "validation"}.get(name, name))
+                opts = FormatOptions(**self.format_kwargs, base_dir=base)
+                loaded[name] = ConversationDataset(rows, opts, name=name)
+        if "train" in loaded and "val" not in loaded and self.val_fraction > 0:
+            train = loaded["train"]
+            order = list(range(len(train)))
+            random.Random(self.seed).shuffle(order)
+            n_val = max(1, round(len(order) * self.val_fraction)) if len(order) > 1 else 0
+            loaded["val"] = ConversationDataset(train.rows, train.opts, sorted(order[:n_val]), name="val")
+            loaded["train"] = ConversationDataset(train.rows, train.opts, sorted(order[n_val:]), name="train")
+        self.datasets = loaded
+        if self.validate:
+            self.report = self.check(verbose=False)
+            for name, split in self.report.splits.items():
+                if split.errors and self.on_bad_example == "raise":
+                    idx, reason = split.errors[0]
+                    raise ValueError(f"{name} split: {reason}")
+                bad = {i for i, _ in split.errors}
+                ds = self.datasets[name]
+                self.datasets[name] = ds.subset([k for k, src in enumerate(ds.indices) if src not in bad])
+                self.num_skipped[name] = len(bad)
+        else:
+            for name, ds in self.datasets.items():  # formats are cheap to check: do it now, not mid-epoch
+                self.num_skipped[name] = self._check_formats(name, ds)
+        self._report_skips()
+
+    def _check_formats(self, name: str, ds: ConversationDataset) -> int:
+        bad = []
+        for k in range(len(ds)):
+            try:
+                ds[k]
+            except RowFormatError as e:
+                if self.on_bad_example == "raise":
+                    raise ValueError(f"{name} split: {e}") from None
+                bad.append(k)
+        if bad:
+            self.datasets[name] = ds.subset([k for k in range(len(ds)) if k not in set(bad)])
+        return len(bad)
+
+    def _report_skips(self) -> None:
+        sizes = ", ".join(f"{n}={len(d)}" for n, d in self.datasets.items())
+        skipped = {n: c for n, c in self.num_skipped.items() if c}
+        msg = f"VisionChatDataModule: rows {sizes}; skipped bad rows: {skipped or 'none'}"
+        print(msg)
+        if skipped:
+            log.warning(msg)
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and getattr(trainer, "logger", None) is not None:
+            trainer.logger.log_metrics({f"data/skipped_{n}": float(c) for n, c in self.num_skipped.items()}, step=0)
+
+    # --------------------------------------------------------------------------------------- check
+
+    def check(self, splits: Sequence[str] | None = None, verbose: bool = True) -> DataCheckReport:
+        """Walk every row once: load images, template + tokenize, compare image tokens with the vision
+        tower's feature count, and find rows that would be truncated or cannot be. Prints and returns a
+        :class:`DataCheckReport`; never raises for a bad row (it is listed in the report)."""
+        if not self.datasets:
+            self.setup()
+        collator = self.collator()
+        report = DataCheckReport(splits={}, max_length=self.max_length)
+        for name in splits or list(self.datasets):
+            ds = self.datasets[name]
+            sc = SplitCheck(name=name)
+            for k in range(len(ds)):
+                sc.rows += 1
+                source_index = ds.indices[k]
+                try:
+                    row = ds[k]
+                    enc = collator.encode_row(row)
+                except OverlongRowError as e:
+                    sc.overlong += 1
+                    sc.errors.append((source_index, str(e)))
+                    continue
+                except _BAD_ROW_ERRORS as e:
+                    sc.errors.append((source_index, str(e)))
+                    continue
+                sc.images += count_images(row["messages"])
+                sc.tokens.append(enc.full_length)
+                sc.supervised.append(enc.num_supervised)
+                sc.truncated += int(enc.truncated)
+                if enc.expected_image_tokens is not None and enc.expected_image_tokens != enc.num_image_tokens:
+                    sc.image_token_mismatches += 1
+                    sc.errors.append((source_index, (
+                        f"row {source_index}: {enc.num_image_tokens} image tokens in input_ids but the vision "
+                        f"tower yields {enc.expected_image_tokens} features")))
+                    continue
+                sc.ok += 1
+            report.splits[name] = sc
+        if verbose:
+            print(report)
+        return report
+
+    # --------------------------------------------------------------------------------- dataloaders
+
+    def _loader(self, name: str, shuffle: bool, batch_size: int, for_generation: bool) -> DataLoader:
+        if name not in self.datasets:
+            raise ValueError(f"no {name} data: pass {name}= (or val_fraction for val) to VisionChatDataModule")
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            self.datasets[name], batch_size=batch_size, shuffle=shuffle, generator=generator,
+            num_workers=self.num_workers, collate_fn=self.collator(for_generation),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True, self.batch_size, self.train_for_generation)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False, self.eval_batch_size, self.eval_for_generation)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False, self.eval_batch_size, self.eval_for_generation)
+
+    def predict_dataloader(self) -> DataLoader:
+        name = "test" if "test" in self.datasets else "val"
+        return self._loader(name, False, self.eval_batch_size, True)
+
+    def generation_dataloader(self, split: str = "val") -> DataLoader:
+        """Prompt-only batches (left padded, with ``references``) of ``split``, for sampling and scoring."""
+        return self._loader(split, False, self.eval_batch_size, True)
+
+    def state_dict(self) -> dict:
+        return {"num_skipped": dict(self.num_skipped)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.num_skipped = dict(state_dict.get("num_skipped", {}))
+
+
+def apply_pixel_bounds(processor: Any, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Set ``min_pixels``/``max_pixels`` on a Qwen-VL style image processor (no-op for other families,
+    whose images are resized by ``load_image`` instead). Checked after setting: reliability.md #8."""
+    ip = getattr(processor, "image_processor", None)
+    if ip is None or (min_pixels is None and max_pixels is None) or not hasattr(ip, "merge_size"):
+        return
+    size = dict(getattr(ip, "size", None) or {})
+    for key, value, attr in (("shortest_edge", min_pixels, "min_pixels"), ("longest_edge", max_pixels, "max_pixels")):
+        if value is None:
+            continue
+        size[key] = int(value)
+        if hasattr(ip, attr):
+            setattr(ip, attr, int(value))
+    ip.size = size
+    got = dict(ip.size)
+    if max_pixels is not None and got.get("longest_edge") != int(max_pixels):
+        raise RuntimeError(f"could not set max_pixels={max_pixels} on {type(ip).__name__} (size={got})")

@@ -1,0 +1,392 @@
+"""Per-family GGUF layout: llama.cpp architecture, metadata keys and tensor names (text model + mmproj).
+
+Mirrors llama.cpp's `convert_hf_to_gguf.py` (conversion/qwenvl.py, gemma.py, llava.py, mistral3.py at the
+commit vendored in llama-cpp-python 0.3.36); see /work/shared/notes/gguf.md for the source lines.
+
+Weights are read with their on-disk names, which differ between transformers versions (5.x saves
+Qwen2-VL as `model.layers.*` / `visual.*`, older/newer ones as `model.language_model.*` / `model.visual.*`):
+`split_name` folds every variant into (part, rest) with part one of text / lm_head / vision / projector.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import gguf
+import numpy as np
+
+__all__ = ["FAMILIES", "GGUFFamily", "family_for_config", "split_name", "UnsupportedGGUFFamily"]
+
+
+class UnsupportedGGUFFamily(ValueError):
+    """The model family has no GGUF layout that llama.cpp loads (text + mmproj); nothing is written."""
+
+
+_TEXT_PREFIXES = ("model.language_model.model.", "model.language_model.", "language_model.model.", "language_model.")
+_VISION_PREFIXES = ("model.visual.", "visual.", "model.vision_tower.", "vision_tower.", "model.vision_model.")
+_PROJ_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
+
+
+def split_name(key: str) -> tuple[str, str]:
+    """('text'|'lm_head'|'vision'|'projector'|'other', rest) for an on-disk weight name."""
+    if key in ("lm_head.weight", "language_model.lm_head.weight", "model.lm_head.weight"):
+        return "lm_head", "weight"
+    for p in _TEXT_PREFIXES:
+        if key.startswith(p):
+            return "text", key[len(p):]
+    for p in _VISION_PREFIXES:
+        if key.startswith(p):
+            rest = key[len(p):]
+            return "vision", rest[len("vision_model."):] if rest.startswith("vision_model.") else rest
+    for p in _PROJ_PREFIXES:
+        if key.startswith(p):
+            return "projector", key[len(p):]
+    if key.startswith("model."):  # Qwen2-VL's legacy on-disk layout: model.layers.*, model.embed_tokens
+        return "text", key[len("model."):]
+    return "other", key
+
+
+def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's rotate-half Q/K rows -> llama.cpp's interleaved rope order (llama.cpp `LlamaModel.permute`)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@dataclass
+class GGUFFamily:
+    """How one model family maps onto llama.cpp. `vision_tensors(rest, array, cfg)` yields
+    (gguf name, array) for a vision/projector weight; `text_transform` adjusts a text weight."""
+
+    name: str
+    model_types: tuple[str, ...]
+    text_arch: str
+    projector_type: str
+    text_kv: Callable
+    vision_kv: Callable
+    vision_tensors: Callable
+    text_transform: Callable | None = None
+    extra_vision_tensors: Callable | None = None  # (text weights getter, cfg) -> [(name, array)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# shared metadata
+
+
+def _text_common(w: gguf.GGUFWriter, t: dict) -> None:
+    w.add_block_count(t["num_hidden_layers"])
+    w.add_context_length(t.get("max_position_embeddings", 4096))
+    w.add_embedding_length(t["hidden_size"])
+    w.add_feed_forward_length(t["intermediate_size"])
+    w.add_head_count(t["num_attention_heads"])
+    w.add_head_count_kv(t.get("num_key_value_heads", t["num_attention_heads"]))
+    w.add_layer_norm_rms_eps(t.get("rms_norm_eps", 1e-6))
+
+
+def _rope(t: dict) -> dict:
+    rp = t.get("rope_parameters") or t.get("rope_scaling") or {}
+    if "rope_theta" not in rp and "full_attention" not in rp and t.get("rope_theta") is not None:
+        rp = {**rp, "rope_theta": t["rope_theta"]}
+    return rp
+
+
+def _rope_scaling(w: gguf.GGUFWriter, rp: dict) -> None:
+    rtype, factor = rp.get("rope_type") or rp.get("type"), rp.get("factor")
+    if rtype == "linear" and factor:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(factor)
+    elif rtype == "yarn" and factor:
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(factor)
+        w.add_rope_scaling_orig_ctx_len(rp["original_max_position_embeddings"])
+        for key, add in (("extrapolation_factor", w.add_rope_scaling_yarn_ext_factor),
+                         ("beta_fast", w.add_rope_scaling_yarn_beta_fast), ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+            if rp.get(key) is not None:
+                add(rp[key])
+        attn = rp.get("attention_factor", rp.get("attn_factor"))
+        if attn is not None:
+            w.add_rope_scaling_yarn_attn_factor(attn)
+    elif rtype not in (None, "default"):
+        raise UnsupportedGGUFFamily(f"rope_type {rtype!r} has no GGUF mapping here")
+
+
+def _head_dim(t: dict) -> int:
+    return t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
+
+
+def _vision_common(w: gguf.GGUFWriter, cfg: dict, pre: dict, *, width: int, ff: int, blocks: int, heads: int,
+                   image_size: int, patch: int) -> None:
+    w.add_clip_has_vision_encoder(True)
+    w.add_vision_projection_dim(cfg["_text"]["hidden_size"])
+    w.add_vision_image_size(image_size)
+    w.add_vision_patch_size(patch)
+    w.add_vision_embedding_length(width)
+    w.add_vision_feed_forward_length(ff)
+    w.add_vision_block_count(blocks)
+    w.add_vision_head_count(heads)
+    if "image_mean" not in pre or "image_std" not in pre:
+        raise ValueError("the processor config has no image_mean/image_std: the mmproj needs them to normalise pixels")
+    w.add_vision_image_mean(list(pre["image_mean"]))
+    w.add_vision_image_std(list(pre["image_std"]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Qwen2-VL / Qwen2.5-VL (conversion/qwenvl.py)
+
+
+def _qwen_text_kv(w: gguf.GGUFWriter, cfg: dict) -> None:
+    t = cfg["_text"]
+    _text_common(w, t)
+    rp = _rope(t)
+    sections = list(rp.get("mrope_section") or [16, 24, 24])
+    if sum(sections) != _head_dim(t) // 2:
+        raise ValueError(f"mrope_section {sections} sums to {sum(sections)}, but llama.cpp needs head_dim/2 = {_head_dim(t) // 2}")
+    w.add_rope_dimension_sections((sections + [0, 0, 0, 0])[:4])
+    w.add_rope_freq_base(rp.get("rope_theta", 1000000.0))
+
+
+def _qwen_vision_kv(w: gguf.GGUFWriter, cfg: dict, pre: dict) -> None:
+    v = cfg["vision_config"]
+    is_25 = cfg["model_type"] == "qwen2_5_vl"
+    width = v["hidden_size"] if is_25 else v["embed_dim"]
+    ff = v["intermediate_size"] if is_25 else int(v["embed_dim"] * v.get("mlp_ratio", 4))
+    _vision_common(w, cfg, pre, width=width, ff=ff, blocks=v["depth"], heads=v["num_heads"],
+                   image_size=v.get("image_size", 560), patch=v.get("patch_size", 14))
+    w.add_vision_spatial_merge_size(v.get("spatial_merge_size", 2))
+    if is_25:
+        w.add_clip_projector_type(gguf.VisionProjectorType.QWEN25VL)
+        w.add_vision_use_silu(True)
+        full = v.get("fullatt_block_indexes") or []
+        if not full:
+            raise ValueError("qwen2_5_vl vision_config has no fullatt_block_indexes (llama.cpp needs n_wa_pattern)")
+        n_wa = full[0] + 1
+        if any(b - a != n_wa for a, b in zip(full, full[1:])):
+            raise UnsupportedGGUFFamily(f"fullatt_block_indexes {full} is not a regular pattern llama.cpp can express")
+        w.add_vision_n_wa_pattern(n_wa)
+    else:
+        w.add_clip_projector_type(gguf.VisionProjectorType.QWEN2VL)
+    w.add_vision_attention_layernorm_eps(cfg["_text"].get("rms_norm_eps", 1e-6))
+
+
+_QWEN_BLOCK = {"norm1": "ln1", "norm2": "ln2", "attn.proj": "attn_out", "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down",
+               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def _qwen_vision_tensors(rest: str, a: np.ndarray, cfg: dict) -> Iterator[tuple[str, np.ndarray]]:
+    if rest == "patch_embed.proj.weight":  # Conv3d [C, 3, 2, 14, 14] -> two Conv2d halves
+        if a.shape[2] != 2:
+            raise UnsupportedGGUFFamily(f"temporal_patch_size {a.shape[2]}: llama.cpp supports 2 only")
+        yield "v.patch_embd.weight", a[:, :, 0]
+        yield "v.patch_embd.weight.1", a[:, :, 1]
+        return
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", rest)
+    if m:
+        bid, mod, kind = m.groups()
+        if mod == "attn.qkv":
+            q, k, v = np.split(a, 3, axis=0)
+            for n, part in (("attn_q", q), ("attn_k", k), ("attn_v", v)):
+                yield f"v.blk.{bid}.{n}.{kind}", part
+            return
+        if mod in _QWEN_BLOCK:
+            yield f"v.blk.{bid}.{_QWEN_BLOCK[mod]}.{kind}", a
+            return
+    m = re.fullmatch(r"merger\.(ln_q|mlp\.0|mlp\.2)\.(weight|bias)", rest)
+    if m:
+        mod, kind = m.groups()
+        yield {"ln_q": "v.post_ln", "mlp.0": "mm.0", "mlp.2": "mm.2"}[mod] + f".{kind}", a
+        return
+    raise KeyError(rest)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Gemma 3 (conversion/gemma.py)
+
+
+def _gemma3_text_kv(w: gguf.GGUFWriter, cfg: dict) -> None:
+    t = cfg["_text"]
+    _text_common(w, t)
+    hd = _head_dim(t)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    qpas = t.get("query_pre_attn_scalar", hd)
+    if qpas != hd and not (t["num_hidden_layers"] == 62 and qpas == 168):  # llama.cpp special-cases 27B only
+        warnings.warn(
+            f"gemma3 query_pre_attn_scalar={qpas} but llama.cpp scales attention by 1/sqrt(head_dim={hd}): "
+            "the GGUF will not match the HF model", stacklevel=3)
+    rp = _rope(t)
+    full = rp.get("full_attention", rp)
+    w.add_rope_freq_base(full.get("rope_theta", t.get("rope_theta", 1000000.0)))
+    _rope_scaling(w, full)
+    local = rp.get("sliding_attention", {}).get("rope_theta", t.get("rope_local_base_freq"))
+    if local is not None:
+        w.add_rope_freq_base_swa(local)
+    if t.get("final_logit_softcapping"):
+        w.add_final_logit_softcapping(t["final_logit_softcapping"])
+    if t.get("attn_logit_softcapping"):
+        raise UnsupportedGGUFFamily("gemma3 with attn_logit_softcapping has no llama.cpp support")
+    if t.get("sliding_window_pattern", 6) != 1:
+        w.add_sliding_window(t["sliding_window"])
+
+
+def _gemma3_text_transform(rest: str, a: np.ndarray, cfg: dict) -> np.ndarray:
+    return a + 1.0 if rest.endswith("norm.weight") else a  # Gemma3RMSNorm: x * (1 + w)
+
+
+def _gemma3_vision_kv(w: gguf.GGUFWriter, cfg: dict, pre: dict) -> None:
+    v = cfg["vision_config"]
+    _vision_common(w, cfg, pre, width=v["hidden_size"], ff=v["intermediate_size"], blocks=v["num_hidden_layers"],
+                   heads=v["num_attention_heads"], image_size=v["image_size"], patch=v["patch_size"])
+    w.add_clip_projector_type(gguf.VisionProjectorType.GEMMA3)
+    w.add_vision_attention_layernorm_eps(v.get("layer_norm_eps", 1e-6))
+    w.add_vision_use_gelu(True)
+    per_side = int(cfg.get("mm_tokens_per_image", pre.get("image_seq_length", 256)) ** 0.5)
+    scale = (v["image_size"] // v["patch_size"]) // max(per_side, 1)
+    if scale > 0 and scale != 4:
+        w.add_vision_projector_scale_factor(scale)
+
+
+_SIGLIP_BLOCK = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.out_proj": "attn_out", "layer_norm1": "ln1", "layer_norm2": "ln2",
+                 "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
+
+
+def _gemma3_vision_tensors(rest: str, a: np.ndarray, cfg: dict) -> Iterator[tuple[str, np.ndarray]]:
+    fixed = {"embeddings.patch_embedding.weight": "v.patch_embd.weight", "embeddings.patch_embedding.bias": "v.patch_embd.bias",
+             "embeddings.position_embedding.weight": "v.position_embd.weight",
+             "post_layernorm.weight": "v.post_ln.weight", "post_layernorm.bias": "v.post_ln.bias",
+             "mm_input_projection_weight": "mm.input_projection.weight",
+             "mm_soft_emb_norm.weight": "mm.soft_emb_norm.weight"}
+    if rest in fixed:
+        if rest == "mm_soft_emb_norm.weight":
+            a = a + 1.0  # Gemma3RMSNorm
+        yield fixed[rest], a
+        return
+    m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", rest)
+    if m and m.group(2) in _SIGLIP_BLOCK:
+        yield f"v.blk.{m.group(1)}.{_SIGLIP_BLOCK[m.group(2)]}.{m.group(3)}", a
+        return
+    raise KeyError(rest)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pixtral (LlavaForConditionalGeneration) and Mistral 3 (conversion/llava.py, llama.py, mistral3.py)
+
+
+def _llama_text_kv(w: gguf.GGUFWriter, cfg: dict) -> None:
+    t = cfg["_text"]
+    _text_common(w, t)
+    hd = _head_dim(t)
+    w.add_vocab_size(t["vocab_size"])
+    w.add_rope_dimension_count(hd)
+    if t.get("head_dim") is not None:
+        w.add_key_length(hd)
+        w.add_value_length(hd)
+    rp = _rope(t)
+    w.add_rope_freq_base(rp.get("rope_theta", 10000.0))
+    _rope_scaling(w, rp)
+    if t.get("model_type") == "ministral3" and rp.get("rope_type") == "yarn":
+        w.add_rope_scaling_yarn_log_mul(rp["mscale_all_dim"])
+        w.add_attn_temperature_scale(rp["llama_4_scaling_beta"])
+    if t.get("sliding_window"):
+        raise UnsupportedGGUFFamily(f"{t.get('model_type')} text with sliding_window={t['sliding_window']}: llama.cpp's "
+                                    "llama/mistral3 graphs attend to the full context; set sliding_window=None")
+
+
+def _llama_text_transform(rest: str, a: np.ndarray, cfg: dict) -> np.ndarray:
+    t = cfg["_text"]
+    if rest.endswith("self_attn.q_proj.weight"):
+        return permute_rope(a, t["num_attention_heads"])
+    if rest.endswith("self_attn.k_proj.weight"):
+        return permute_rope(a, t.get("num_key_value_heads", t["num_attention_heads"]))
+    return a
+
+
+def _pixtral_vision_kv(w: gguf.GGUFWriter, cfg: dict, pre: dict) -> None:
+    v = cfg["vision_config"]
+    size = v.get("image_size", 1024)
+    _vision_common(w, cfg, pre, width=v["hidden_size"], ff=v["intermediate_size"], blocks=v["num_hidden_layers"],
+                   heads=v["num_attention_heads"], image_size=size, patch=v["patch_size"])
+    w.add_clip_projector_type(gguf.VisionProjectorType.PIXTRAL)
+    w.add_vision_attention_layernorm_eps(v.get("layer_norm_eps", 1e-5))
+    act = v.get("hidden_act", "gelu")
+    if act == "silu":
+        w.add_vision_use_silu(True)
+    elif act == "gelu":
+        w.add_vision_use_gelu(True)
+    else:
+        raise UnsupportedGGUFFamily(f"pixtral vision hidden_act {act!r}: llama.cpp supports silu / gelu")
+    if "spatial_merge_size" in cfg:
+        w.add_vision_spatial_merge_size(cfg["spatial_merge_size"])
+    if cfg.get("projector_hidden_act", "gelu") != "gelu":
+        raise UnsupportedGGUFFamily(f"projector_hidden_act {cfg['projector_hidden_act']!r}: llama.cpp's pixtral projector uses gelu")
+    if cfg.get("vision_feature_layer", -1) != -1:
+        raise UnsupportedGGUFFamily(f"vision_feature_layer {cfg['vision_feature_layer']}: llama.cpp's pixtral uses the last layer")
+
+
+_PIXTRAL_BLOCK = {"attention.q_proj": "attn_q", "attention.k_proj": "attn_k", "attention.v_proj": "attn_v",
+                  "attention.o_proj": "attn_out", "attention_norm": "ln1", "ffn_norm": "ln2",
+                  "feed_forward.gate_proj": "ffn_gate", "feed_forward.up_proj": "ffn_up", "feed_forward.down_proj": "ffn_down"}
+
+
+def _pixtral_vision_tensors(rest: str, a: np.ndarray, cfg: dict) -> Iterator[tuple[str, np.ndarray]]:
+    v = cfg["vision_config"]
+    fixed = {"patch_conv.weight": "v.patch_embd.weight", "patch_conv.bias": "v.patch_embd.bias",
+             "ln_pre.weight": "v.pre_ln.weight", "linear_1.weight": "mm.1.weight", "linear_1.bias": "mm.1.bias",
+             "linear_2.weight": "mm.2.weight", "linear_2.bias": "mm.2.bias", "norm.weight": "mm.input_norm.weight",
+             "patch_merger.merging_layer.weight": "mm.patch_merger.weight"}
+    if rest in fixed:
+        yield fixed[rest], a
+        return
+    m = re.fullmatch(r"transformer\.layers\.(\d+)\.(.+)\.(weight|bias)", rest)
+    if m and m.group(2) in _PIXTRAL_BLOCK:
+        bid, mod, kind = m.groups()
+        if mod in ("attention.q_proj", "attention.k_proj"):
+            a = permute_rope(a, v["num_attention_heads"])
+        yield f"v.blk.{bid}.{_PIXTRAL_BLOCK[mod]}.{kind}", a
+        return
+    raise KeyError(rest)
+
+
+def _img_break(get_text: Callable[[str], np.ndarray], cfg: dict, tokenizer_ids: dict) -> list[tuple[str, np.ndarray]]:
+    """Pixtral puts an [IMG_BREAK] embedding after every row of patches; clip.cpp needs its own copy."""
+    tid = tokenizer_ids.get("[IMG_BREAK]")
+    if tid is None:
+        raise ValueError("pixtral/mistral3 tokenizer has no [IMG_BREAK] token")
+    return [("v.token_embd.img_break", get_text("embed_tokens.weight")[tid])]
+
+
+# ----------------------------------------------------------------------------------------------------
+
+FAMILIES: dict[str, GGUFFamily] = {
+    f.name: f for f in [
+        GGUFFamily("qwen2_vl", ("qwen2_vl",), "qwen2vl", "qwen2vl_merger", _qwen_text_kv, _qwen_vision_kv, _qwen_vision_tensors),
+        GGUFFamily("qwen2_5_vl", ("qwen2_5_vl",), "qwen2vl", "qwen2.5vl_merger", _qwen_text_kv, _qwen_vision_kv, _qwen_vision_tensors),
+        GGUFFamily("gemma3", ("gemma3",), "gemma3", "gemma3", _gemma3_text_kv, _gemma3_vision_kv, _gemma3_vision_tensors,
+                   text_transform=_gemma3_text_transform),
+        GGUFFamily("pixtral", ("llava",), "llama", "pixtral", _llama_text_kv, _pixtral_vision_kv, _pixtral_vision_tensors,
+                   text_transform=_llama_text_transform, extra_vision_tensors=_img_break),
+        GGUFFamily("mistral3", ("mistral3",), "mistral3", "pixtral", _llama_text_kv, _pixtral_vision_kv, _pixtral_vision_tensors,
+                   text_transform=_llama_text_transform, extra_vision_tensors=_img_break),
+    ]
+}
+
+_REFUSED = {
+    "llava_next": "LLaVA-NeXT has no converter mapping in llama.cpp (only the legacy llava-surgery path, whose "
+                  "anyres/spatial_unpad tensors clip.cpp does not load from a transformers checkpoint)",
+}
+
+
+def family_for_config(cfg: dict) -> GGUFFamily:
+    """The GGUF family of a config.json dict; raises `UnsupportedGGUFFamily` with the supported list."""
+    mt = cfg.get("model_type")
+    supported = "qwen2_vl, qwen2_5_vl, gemma3, pixtral (LlavaForConditionalGeneration + pixtral vision), mistral3"
+    if mt in _REFUSED:
+        raise UnsupportedGGUFFamily(f"GGUF export of {mt!r} is not supported: {_REFUSED[mt]}. Supported: {supported}")
+    for fam in FAMILIES.values():
+        if mt in fam.model_types:
+            if fam.name == "pixtral" and (cfg.get("vision_config") or {}).get("model_type") != "pixtral":
+                raise UnsupportedGGUFFamily(
+                    f"GGUF export of LLaVA with a {(cfg.get('vision_config') or {}).get('model_type')!r} vision tower is not "
+                    f"supported (only the pixtral vision tower). Supported: {supported}")
+            return fam
+    raise UnsupportedGGUFFamily(f"GGUF export of model_type {mt!r} is not supported. Supported: {supported}")
