@@ -66,11 +66,19 @@ def add_processor(path: Path) -> None:
 
 
 def lora_param_counts(model) -> tuple[int, int, int]:
+    """(frozen language-model params incl. lm_head, excl. embeddings; LoRA params; vision params).
+
+    Counted on a meta-device copy built from the config, so 4-bit packing (two weights per byte) does
+    not halve the count."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    lm = sum(p.numel() for n, p in model.named_parameters()
-             if "language_model" in n and "lora_" not in n and "embed_tokens" not in n)
-    lm += sum(p.numel() for n, p in model.named_parameters() if n.endswith("lm_head.weight"))
-    vis = sum(p.numel() for n, p in model.named_parameters() if ".visual." in n or n.startswith("visual"))
+    with torch.device("meta"):
+        ref = AutoModelForImageTextToText.from_config(model.config)
+    lm = sum(p.numel() for n, p in ref.named_parameters() if "language_model" in n and "embed_tokens" not in n)
+    lm += sum(p.numel() for n, p in ref.named_parameters() if n.endswith("lm_head.weight"))
+    vis = sum(p.numel() for n, p in ref.named_parameters() if ".visual." in n or n.startswith("visual"))
     return lm, lora, vis
 
 

@@ -58,7 +58,8 @@ def rope_cos_sin_ref(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_s
     """
     if position_ids.dim() == 2:
         position_ids = position_ids[None]
-    freqs = position_ids[..., None].float() * inv_freq.float()  # (P, B, T, D/2)
+    ft = torch.float64 if inv_freq.dtype == torch.float64 else torch.float32  # fp64 for accuracy references
+    freqs = position_ids[..., None].to(ft) * inv_freq.to(ft)  # (P, B, T, D/2)
     if mrope_section is not None and position_ids.shape[0] > 1:
         freqs = torch.cat([m[i % 3] for i, m in enumerate(freqs.split(list(mrope_section), dim=-1))], dim=-1)
     else:

@@ -64,6 +64,8 @@ def test_tiny_vlm_loads_with_consistent_ids(family, tiny_vlm_dir):
     assert get_family_spec(model).name == family
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params < 3_000_000 and all(p.dtype == torch.float32 for p in model.parameters())
+    for name, param in model.named_parameters():  # trained checkpoints have no constant tensors
+        assert param.numel() == 1 or not bool((param == param.reshape(-1)[0]).all()), name
 
     processor = AutoProcessor.from_pretrained(path)
     tok = processor.tokenizer
@@ -125,9 +127,15 @@ def test_forward_loss_and_image_token_count(family, tiny_vlm_dir):
     for key in spec.processor_outputs:
         assert key in batch, (key, list(batch))
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    with torch.no_grad():
-        out = model(**batch, labels=labels)
+    model.train()
+    out = model(**batch, labels=labels)
     assert torch.isfinite(out.loss) and out.loss > 0
+    # No dead paths: the projector and the vision tower get gradients from the text loss. (Gemma 3
+    # zero-initialises its projector; left so, images would not reach the loss at all.)
+    out.loss.backward()
+    for prefix in (spec.projector, spec.vision_layers + ".0."):
+        grads = [p.grad for n, p in model.named_parameters() if n.startswith(prefix)]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), prefix
 
     image_token_id = processor.tokenizer.convert_tokens_to_ids(spec.image_token)
     per_row = (batch["input_ids"] == image_token_id).sum(-1).tolist()
@@ -159,3 +167,4 @@ def test_make_tiny_vlm_is_deterministic_and_takes_overrides(tmp_path):
     assert batch["image_grid_thw"].prod(-1).item() // 4 == 4  # capped at max_pixels = 56x56 -> 4 tokens
     with pytest.raises(ValueError, match="unknown family"):
         make_tiny_vlm("llama", tmp_path / "d")
+

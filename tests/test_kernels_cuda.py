@@ -3,7 +3,8 @@
 Accuracy: every output and gradient against an fp64 reference, as a norm-wise relative error
 ``||ours - ref|| / ||ref||``. Stated tolerances:
   fp32: 1e-5 for norms / RoPE / gated activations, 1e-4 for the vocabulary reductions (cross-entropy,
-        log-probs; TF32 is disabled here so the GEMMs are true fp32);
+        log-probs; TF32 is disabled here so the GEMMs are true fp32), or 1.5x torch eager fp32's own
+        error when that is larger (RoPE angles at positions in the thousands are fp32-rounded in HF too);
   bf16: at most 1.5x the error of the same op in torch eager bf16 (HF's own formula) plus 2e-3, which
         keeps the test meaningful (a kernel with the wrong math lands near 1.0) without asserting
         bit patterns that differ by rounding order.
@@ -43,8 +44,9 @@ def rel(a, b):
 def check(ours, eager, ref, dtype, fp32_tol=1e-5, what=""):
     """ours / eager (torch in the same dtype) against the fp64 reference."""
     err = rel(ours, ref)
-    if dtype == torch.float32:
-        assert err < fp32_tol, f"{what}: fp32 rel err {err:.2e} >= {fp32_tol:.0e}"
+    if dtype == torch.float32:  # fp32 inputs can carry their own error (RoPE angles at large positions)
+        bound = max(fp32_tol, 1.5 * rel(eager, ref) + 1e-6)
+        assert err < bound, f"{what}: fp32 rel err {err:.2e} >= {bound:.1e}"
     else:
         bound = 1.5 * rel(eager, ref) + 2e-3
         assert err < bound, f"{what}: bf16 rel err {err:.2e} >= {bound:.2e} (eager {rel(eager, ref):.2e})"
@@ -215,18 +217,18 @@ def test_short_training_run_patched_matches_unpatched(tmp_path):
     processor = AutoProcessor.from_pretrained(path)
     base = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16).cuda()
     g = torch.Generator().manual_seed(0)
-    vocab = base.config.get_text_config().vocab_size
-    batches = []
-    for _ in range(8):
-        ids = torch.randint(10, min(vocab, len(processor.tokenizer)) - 20, (4, 256), generator=g)
+    top = min(processor.tokenizer.all_special_ids + [base.config.get_text_config().vocab_size])
+    two = []
+    for _ in range(2):  # two batches, alternated: the loss must fall (memorisation) in 8 steps
+        ids = torch.randint(10, top, (4, 256), generator=g)
         labels = ids.clone()
         labels[:, :100] = -100
-        batches.append({"input_ids": ids.cuda(), "attention_mask": torch.ones_like(ids).cuda(),
-                        "labels": labels.cuda()})
+        two.append({"input_ids": ids.cuda(), "attention_mask": torch.ones_like(ids).cuda(), "labels": labels.cuda()})
+    batches = [two[i % 2] for i in range(8)]
 
     def train(model):
         torch.manual_seed(0)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
         model.train()
         losses = []
         for b in batches:

@@ -15,13 +15,18 @@ from vlm_lightning.testing import TINY_FAMILIES
 
 
 def _lora(model, seed=0):
-    """A non-trivial adapter (init_lora_weights=False) on every linear of the language model, vision
-    tower and projector."""
-    from peft import LoraConfig, get_peft_model
+    """A non-trivial adapter (init_lora_weights=False) on the language and vision layers, plus a trained
+    (perturbed) full copy of the projector (`modules_to_save`), as `apply_lora` builds it for training."""
+    from vlm_lightning.models import apply_lora
 
     torch.manual_seed(seed)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-    return get_peft_model(model, cfg).eval()
+    peft_model = apply_lora(model, r=4, lora_alpha=8, finetune_vision_layers=True, finetune_projector=True,
+                            init_lora_weights=False, gradient_checkpointing=False, lora_dtype="float32")
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if ".modules_to_save." in name:
+                p.add_(0.05 * torch.randn_like(p))
+    return peft_model.eval()
 
 
 def _inputs(processor):
@@ -117,12 +122,15 @@ def test_inf_in_base_raises(tiny_vlm_dir, tmp_path):
 def test_4bit_base_merges_into_reloaded_16bit_weights(tiny_vlm_dir, tmp_path):
     """A QLoRA model: the merge reloads the 16-bit base from name_or_path (no quantisation error)."""
     pytest.importorskip("bitsandbytes")
-    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     base = tiny_vlm_dir("qwen2_vl")
     batch = _inputs(AutoProcessor.from_pretrained(base))
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    peft_4bit = _lora(AutoModelForImageTextToText.from_pretrained(base, quantization_config=q, dtype=torch.float32), seed=3)
+    from vlm_lightning.models import load_vlm
+
+    model_4bit, _ = load_vlm(str(base), quantization="4bit", dtype="float32")  # language model in NF4
+    assert any(type(m).__name__ == "Linear4bit" for m in model_4bit.modules())
+    peft_4bit = _lora(model_4bit, seed=3)
     peft_16 = _lora(AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32), seed=3)
     with torch.no_grad():
         want = peft_16(**batch).logits  # same adapter on the exact 16-bit base

@@ -368,32 +368,20 @@ def _vision_token_ids(processor, tokenizer) -> torch.Tensor:
     return torch.tensor(sorted(ids), dtype=torch.long)
 
 
-def _family_spec(processor):
-    try:
-        from vlm_lightning.models.families import get_family_spec
-    except ImportError:
-        return None
-    for obj in (processor, getattr(processor, "image_processor", None)):
-        name = type(obj).__name__.lower() if obj is not None else ""
-        for key in ("qwen2_5_vl", "qwen2vl", "qwen2_vl", "llava_next", "llavanext", "pixtral", "gemma3", "mistral3"):
-            if key.replace("_", "") in name.replace("_", ""):
-                try:
-                    return get_family_spec(key if "_" in key else {"qwen2vl": "qwen2_vl", "llavanext": "llava_next"}.get(key, key))
-                except Exception:  # noqa: BLE001 - the spec is a hint here, never required
-                    return None
-    return None
-
-
 def _family_min_side(processor) -> int:
-    spec = _family_spec(processor)
-    return int(getattr(spec, "min_image_side", DEFAULT_MIN_SIDE) or DEFAULT_MIN_SIDE)
+    """Smallest image side the family's vision tower can use: one (merged) patch."""
+    ip = getattr(processor, "image_processor", None)
+    if getattr(ip, "merge_size", None) and getattr(ip, "patch_size", None):  # Qwen-VL: patch 14 x merge 2
+        return int(ip.patch_size) * int(ip.merge_size)
+    if getattr(processor, "patch_size", None):  # LLaVA-NeXT, Pixtral, Mistral 3
+        return int(processor.patch_size) * int(getattr(processor, "spatial_merge_size", None) or 1)
+    if hasattr(processor, "image_seq_length"):  # Gemma 3: one SigLIP patch
+        return 14
+    return DEFAULT_MIN_SIDE
 
 
 def _needs_mm_token_type_ids(processor) -> bool:
     if "mm_token_type_ids" in (getattr(processor, "model_input_names", None) or []):
-        return True
-    spec = _family_spec(processor)
-    if spec is not None and getattr(spec, "needs_mm_token_type_ids", False):
         return True
     return type(processor).__name__.startswith("Qwen")
 

@@ -375,7 +375,7 @@ class VisionChatDataModule(L.LightningDataModule):
         print(msg)
         if skipped:
             log.warning(msg)
-        trainer = getattr(self, "_trainer", None)
+        trainer = getattr(self, "trainer", None)
         if trainer is not None and getattr(trainer, "logger", None) is not None:
             trainer.logger.log_metrics({f"data/skipped_{n}": float(c) for n, c in self.num_skipped.items()}, step=0)
 

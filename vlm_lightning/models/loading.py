@@ -52,7 +52,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
     aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
     name = aliases.get(str(dtype), str(dtype)).removeprefix("torch.")
     value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise ValueError(f"dtype={dtype!r} is not a torch dtype (use bfloat16, float16, float32 or auto)")
     return value
 

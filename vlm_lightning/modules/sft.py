@@ -134,7 +134,8 @@ class VisionSFTModule(L.LightningModule):
         lora: True trains LoRA adapters (the switches below); False trains every weight (full fine-tune).
         r, lora_alpha, lora_dropout, use_rslora, use_dora: LoRA hyper-parameters.
         finetune_language_layers, finetune_vision_layers, finetune_attention_modules, finetune_mlp_modules,
-        finetune_projector, target_modules, modules_to_save, lora_dtype: see ``models.lora.apply_lora``.
+        finetune_projector, target_modules, modules_to_save, lora_dtype, init_lora_weights: see
+            ``models.lora.apply_lora`` (``init_lora_weights=False``: random, non-zero B, for tests).
         gradient_checkpointing: non-reentrant activation checkpointing (saves memory, costs ~30% time).
         optimizer: e.g. ``torch.optim.AdamW`` with ``init_args: {lr: 2e-4}`` in YAML (default AdamW lr 2e-4).
         scheduler: an ``LRSchedulerCallable`` stepped every optimizer step, or None.
@@ -168,6 +169,7 @@ class VisionSFTModule(L.LightningModule):
         use_rslora: bool = False,
         use_dora: bool = False,
         lora_dtype: str = "compute",
+        init_lora_weights: bool = True,
         gradient_checkpointing: bool = True,
         optimizer: OptimizerCallable = _default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
@@ -191,6 +193,13 @@ class VisionSFTModule(L.LightningModule):
         self._t_last: float | None = None
 
     # ---------------------------------------------------------------------------------------- model
+    def setup(self, stage: str) -> None:
+        """Refuse strategy/quantisation combinations that cannot work (FSDP + 4-bit without
+        ``bnb_4bit_quant_storage == dtype``) before the model is built; see ``vlm_lightning.strategies``."""
+        from vlm_lightning.strategies import check_module_strategy
+
+        check_module_strategy(self)
+
     def configure_model(self) -> None:
         """Load the base, patch kernels, wrap with LoRA (or unfreeze all). Idempotent."""
         if self.model is not None:
@@ -214,7 +223,8 @@ class VisionSFTModule(L.LightningModule):
                 finetune_attention_modules=hp.finetune_attention_modules,
                 finetune_mlp_modules=hp.finetune_mlp_modules, finetune_projector=hp.finetune_projector,
                 target_modules=hp.target_modules, modules_to_save=hp.modules_to_save, use_rslora=hp.use_rslora,
-                use_dora=hp.use_dora, gradient_checkpointing=hp.gradient_checkpointing, lora_dtype=hp.lora_dtype)
+                use_dora=hp.use_dora, gradient_checkpointing=hp.gradient_checkpointing, lora_dtype=hp.lora_dtype,
+                init_lora_weights=hp.init_lora_weights)
         else:
             model = prepare_full_finetune(model, gradient_checkpointing=hp.gradient_checkpointing)
         model.train()  # from_pretrained returns eval mode: no dropout, and HF skips checkpointing in eval

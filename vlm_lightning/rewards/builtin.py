@@ -105,6 +105,39 @@ class OCRReward(_TextReward):
         return min(1.0, max(0.0, 1.0 - cer))
 
 
+class CharF1Reward(_TextReward):
+    """F1 of the character multisets of completion and reference (order-free partial credit in [0, 1]).
+
+    A dense shaping reward for OCR: unlike 1 - CER it is not 0 for every long or noisy completion, so a
+    weak policy still gets a signal for emitting the right characters (used by the CPU demo next to
+    ``OCRReward``). Whitespace is ignored; ``normalize`` applies NFKC and casefolding first.
+    """
+
+    name = "char_f1"
+
+    def __init__(self, reference_column: str | None = None, answer_tag: str | None = None,
+                 normalize: bool = True) -> None:
+        super().__init__(reference_column, answer_tag)
+        self.normalize = normalize
+
+    def score(self, text: str | None, reference: Any) -> float:
+        from collections import Counter
+
+        if text is None:
+            return 0.0
+        ref = str(reference)
+        if self.normalize:
+            text, ref = normalize_text(text), normalize_text(ref)
+        p, r = Counter(text.replace(" ", "")), Counter(ref.replace(" ", ""))
+        if not r or not p:
+            return float(not r and not p)
+        common = sum((p & r).values())
+        if common == 0:
+            return 0.0
+        precision, recall = common / sum(p.values()), common / sum(r.values())
+        return 2 * precision * recall / (precision + recall)
+
+
 class ExactMatchReward(_TextReward):
     """1.0 if the (normalised) completion equals the reference, else 0.0.
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 # Processor outputs that `get_image_features` of some family takes besides pixel_values.
@@ -23,8 +21,8 @@ def image_feature_counts(model, batch: dict) -> list[int]:
         [4]
     """
     inner = model.model if hasattr(model, "model") and hasattr(model.model, "get_image_features") else model
-    accepted = inspect.signature(inner.get_image_features).parameters
-    kwargs = {k: batch[k] for k in _IMAGE_KWARGS if k in batch and k in accepted}
+    # Pass what the processor produced: transformers 5.17's LLaVA takes image_sizes only through **kwargs.
+    kwargs = {k: batch[k] for k in _IMAGE_KWARGS if k in batch}
     out = inner.get_image_features(pixel_values=batch["pixel_values"], return_dict=True, **kwargs)
     feats = out.pooler_output if hasattr(out, "pooler_output") and out.pooler_output is not None else out
     if isinstance(feats, (list, tuple)):  # one (tokens, dim) tensor per image

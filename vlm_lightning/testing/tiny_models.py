@@ -2,9 +2,23 @@
 
 `make_tiny_vlm(family, path)` writes a Hugging Face directory (config, fp32 safetensors, tokenizer,
 processor, chat template, generation config) that `AutoModelForImageTextToText.from_pretrained` and
-`AutoProcessor.from_pretrained` load with no missing or unexpected keys. Sizes: text hidden 64,
-2 layers, 4 heads (2 KV heads), vocab ~600; vision hidden 32, 2 layers; a 56x56 image becomes a
-handful of image tokens. Each family keeps its real special tokens and chat-template structure.
+`AutoProcessor.from_pretrained` load with no missing or unexpected keys. Each family keeps its real
+special tokens (at their real ids where those are small: Mistral's control tokens, Llama's <s>/</s>,
+Gemma's <pad>/<eos>/<bos>), its chat-template structure and its real processor class.
+
+Sizes (about 0.2M parameters, under 1 MB): text hidden 64, 2 layers, 4 heads / 2 KV heads, head_dim
+16, vocab ~520-580; vision hidden 32, 2 layers. Image tokens for a 56x56 / 112x56 (WxH) image:
+
+    family          image token          56x56  112x56  image handling
+    qwen2_vl        <|image_pad|>            4       8  patch 14, merge 2, pixels in [56*56, 28*28*64]
+    qwen2_5_vl      <|image_pad|>            4       8  same
+    llava_next      <image>                 24      14  CLIP 28 px tiles, anyres pinpoints of 28 px
+    pixtral         [IMG] (+BREAK/END)      16       8  patch 16, longest edge 64, no merge
+    gemma3          <image_soft_token>       4       4  resized to 56x56, 4x4 patches pooled to 2x2
+    mistral3(_small)[IMG] (+BREAK/END)       4       8  patch 14, merge 2, longest edge 112
+
+Every constant tensor of the fresh init (norm weights, biases, Gemma's zero projector) gets a small
+deterministic perturbation, as in a trained checkpoint.
 
 Deliberately left out: video inputs (the Qwen video processor is saved but not exercised) and the
 tool-calling branches of the real templates.
@@ -14,7 +28,8 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,13 +60,55 @@ class _Built:
     eos_token_ids: list[int]
     pad_token_id: int
     bos_token_id: int | None
-    notes: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def _perturb_constant_tensors(model: torch.nn.Module, std: float = 0.05) -> None:
+    """Add small noise to every constant tensor (norm weights, biases, zero-initialised projections).
+
+    Trained checkpoints have no constant tensors. Fresh inits do (RMSNorm weights of 1, Gemma's zero
+    `mm_input_projection_weight`, which would cut every image off from the loss and its gradient), and
+    they hide bugs: a kernel that ignores the norm weight still matches the reference when it is all ones.
+    """
+    for param in model.parameters():
+        if param.numel() > 1 and bool((param == param.reshape(-1)[0]).all()):
+            param.add_(torch.randn_like(param) * std)
 
 
 def _padded_vocab(n: int, multiple: int = 64) -> int:
     # The real Qwen / LLaVA / Gemma checkpoints pad the embedding matrix past len(tokenizer); we keep
     # that quirk so code that assumes vocab_size == len(tokenizer) fails here too.
     return int(math.ceil(n / multiple) * multiple)
+
+
+def _resolve(cfg: dict, overrides: dict) -> dict:
+    """Merge `overrides` into `cfg` and re-derive the fields that depend on the sizes, unless overridden.
+
+    So `text_config={"hidden_size": 128}` alone gives a consistent model: head_dim = hidden / heads,
+    Qwen's vision output width = text width and its mrope_section re-split over head_dim / 2,
+    Gemma's query_pre_attn_scalar = head_dim.
+    """
+    out = _merge(cfg, overrides)
+    text, text_over = out["text_config"], overrides.get("text_config", {})
+    vision_over = overrides.get("vision_config", {})
+    if "head_dim" in text and "head_dim" not in text_over:
+        text["head_dim"] = text["hidden_size"] // text["num_attention_heads"]
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    if out["model_type"] in ("qwen2_vl", "qwen2_5_vl"):
+        width_key = "hidden_size" if out["model_type"] == "qwen2_vl" else "out_hidden_size"
+        if width_key not in vision_over:
+            out["vision_config"][width_key] = text["hidden_size"]
+        if "rope_parameters" not in text_over:
+            half, hw = head_dim // 2, 3 * (head_dim // 2) // 8  # real: [16, 24, 24] of 64
+            text["rope_parameters"]["mrope_section"] = [half - 2 * hw, hw, hw]
+    if out["model_type"] == "gemma3" and "query_pre_attn_scalar" not in text_over:
+        text["query_pre_attn_scalar"] = head_dim
+    if "layer_types" in text and "layer_types" not in text_over:
+        # Gemma 3 interleaves sliding-window and global layers (5:1 in the real models; 1:1 here).
+        text["layer_types"] = [
+            "full_attention" if (i + 1) % 2 == 0 else "sliding_attention" for i in range(text["num_hidden_layers"])
+        ]
+    return out
 
 
 def _merge(base: dict, overrides: dict) -> dict:
@@ -103,18 +160,20 @@ def _build_qwen(family: str, overrides: dict, processor_kwargs: dict) -> _Built:
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
     )
-    cfg = _merge(cfg, overrides)
+    cfg = _resolve(cfg, overrides)
     config = AutoConfig.for_model(**cfg)
     # 56x56 -> 4x4 patches of 14 -> 2x2 = 4 tokens after the 2x2 merge; 112x56 -> 8; at most 64 tokens.
     pix = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)
-    pix.update({k: processor_kwargs.pop(k) for k in list(processor_kwargs) if k in ("min_pixels", "max_pixels")})
+    pix.update({k: processor_kwargs.pop(k) for k in ("min_pixels", "max_pixels") if k in processor_kwargs})
     v = config.vision_config
     common = dict(patch_size=v.patch_size, merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size)
     image_processor = Qwen2VLImageProcessor(**pix, **common)
     video_processor = Qwen2VLVideoProcessor(**pix, **common)
-    proc_cls = _processor_class(family)
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
+
+    proc_cls = Qwen2VLProcessor if family == "qwen2_vl" else Qwen2_5_VLProcessor
     processor = proc_cls(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
-                         chat_template=chat_templates.QWEN2_VL, **processor_kwargs)
+                         chat_template=chat_templates.QWEN2_VL)
     return _Built(config, processor, eos_token_ids=[ids["<|im_end|>"], ids["<|endoftext|>"]],
                   pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"])
 
@@ -145,7 +204,7 @@ def _build_llava_next(family: str, overrides: dict, processor_kwargs: dict) -> _
         image_seq_length=(side // 14) ** 2, projector_hidden_act="gelu", tie_word_embeddings=False,
         pad_token_id=pad_id,
     )
-    config = AutoConfig.for_model(**_merge(cfg, overrides))
+    config = AutoConfig.for_model(**_resolve(cfg, overrides))
     v = config.vision_config
     image_processor = LlavaNextImageProcessor(
         size={"shortest_edge": v.image_size}, crop_size={"height": v.image_size, "width": v.image_size},
@@ -154,7 +213,7 @@ def _build_llava_next(family: str, overrides: dict, processor_kwargs: dict) -> _
     processor = LlavaNextProcessor(
         image_processor=image_processor, tokenizer=tok, patch_size=v.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy, num_additional_image_tokens=1,
-        chat_template=chat_templates.LLAVA_NEXT_VICUNA, **processor_kwargs,
+        chat_template=chat_templates.LLAVA_NEXT_VICUNA,
     )
     return _Built(config, processor, eos_token_ids=[2], pad_token_id=pad_id, bos_token_id=1)
 
@@ -206,14 +265,15 @@ def _build_mistral_family(family: str, overrides: dict, processor_kwargs: dict) 
         cfg = dict(model_type="mistral3", text_config=text, vision_config=vision, image_token_index=10,
                    vision_feature_layer=-1, spatial_merge_size=merge, projector_hidden_act="gelu",
                    multimodal_projector_bias=False, tie_word_embeddings=False)
-    config = AutoConfig.for_model(**_merge(cfg, overrides))
+    config = AutoConfig.for_model(**_resolve(cfg, overrides))
     v = config.vision_config
     image_processor = PixtralImageProcessor(
-        size={"longest_edge": v.image_size}, patch_size={"height": v.patch_size, "width": v.patch_size},
+        size={"longest_edge": v.image_size},  # the tower's rotary table covers image_size / patch_size
+        patch_size={"height": v.patch_size, "width": v.patch_size},
     )
     processor = PixtralProcessor(
         image_processor=image_processor, tokenizer=tok, patch_size=v.patch_size,
-        spatial_merge_size=getattr(config, "spatial_merge_size", 1), chat_template=template, **processor_kwargs,
+        spatial_merge_size=getattr(config, "spatial_merge_size", 1), chat_template=template,
     )
     return _Built(config, processor, eos_token_ids=[2], pad_token_id=11, bos_token_id=1)
 
@@ -246,25 +306,14 @@ def _build_gemma3(family: str, overrides: dict, processor_kwargs: dict) -> _Buil
         eoi_token_index=ids["<end_of_image>"], image_token_index=ids["<image_soft_token>"],
         tie_word_embeddings=True, bos_token_id=2, eos_token_id=[1, ids["<end_of_turn>"]], pad_token_id=0,
     )
-    config = AutoConfig.for_model(**_merge(cfg, overrides))
+    config = AutoConfig.for_model(**_resolve(cfg, overrides))
     v = config.vision_config
     image_processor = Gemma3ImageProcessor(size={"height": v.image_size, "width": v.image_size}, do_pan_and_scan=False)
     processor = Gemma3Processor(image_processor=image_processor, tokenizer=tok,
                                 image_seq_length=config.mm_tokens_per_image,
-                                chat_template=chat_templates.GEMMA3, **processor_kwargs)
+                                chat_template=chat_templates.GEMMA3)
     # the real generation config stops on <eos> and <end_of_turn>
     return _Built(config, processor, eos_token_ids=[1, ids["<end_of_turn>"]], pad_token_id=0, bos_token_id=2)
-
-
-def _processor_class(family: str):
-    import transformers
-
-    name = {
-        "qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "llava_next": "LlavaNextProcessor",
-        "pixtral": "PixtralProcessor", "gemma3": "Gemma3Processor", "mistral3": "PixtralProcessor",
-        "mistral3_small": "PixtralProcessor",
-    }[family]
-    return getattr(transformers, name)
 
 
 _BUILDERS: dict[str, Callable[[str, dict, dict], _Built]] = {
@@ -296,11 +345,14 @@ def make_tiny_vlm(
         family: one of `TINY_FAMILIES`.
         path: output directory (created).
         seed: torch seed for the random weights; same seed, same weights.
-        processor_kwargs: processor/image-processor settings, e.g. `{"max_pixels": 112 * 112}` (Qwen),
-            forwarded to the family's processor where it takes them.
+        processor_kwargs: Qwen only: `min_pixels` / `max_pixels` of the image processor. The other
+            families size images from `vision_config={"image_size": N}` (LLaVA-NeXT tile side, Gemma 3
+            input side, Pixtral / Mistral3 longest edge). Unused keys raise.
         **config_overrides: merged into the model config dict before it is built; nested
             `text_config=` / `vision_config=` dicts merge key by key, e.g.
             `make_tiny_vlm("qwen2_vl", d, text_config={"hidden_size": 128, "num_hidden_layers": 4})`.
+            Dependent fields follow unless overridden too: head_dim = hidden / heads, Qwen's vision
+            output width and mrope_section, Gemma's query_pre_attn_scalar and layer_types.
 
     Example:
         >>> from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -309,16 +361,18 @@ def make_tiny_vlm(
         >>> processor = AutoProcessor.from_pretrained(d)
     """
     if family not in _BUILDERS:
-        known = ", ".join(TINY_FAMILIES)
-        if family in TINY_FAMILIES:
-            raise NotImplementedError(f"tiny fixture for family {family!r} is not built yet")
-        raise ValueError(f"unknown family {family!r}; known families: {known}")
+        raise ValueError(f"unknown family {family!r}; known families: {', '.join(TINY_FAMILIES)}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    built = _BUILDERS[family](family, dict(config_overrides), dict(processor_kwargs or {}))
+    processor_kwargs = dict(processor_kwargs or {})
+    built = _BUILDERS[family](family, dict(config_overrides), processor_kwargs)
+    if processor_kwargs:  # each builder pops the keys it uses
+        raise ValueError(f"processor_kwargs {sorted(processor_kwargs)} are not used by family {family!r}")
 
-    torch.manual_seed(seed)
+    # Family-dependent stream: two families of the same shape (mistral3 / mistral3_small) get different weights.
+    torch.manual_seed(seed * 1_000_003 + zlib.crc32(family.encode()) % 1_000_003)
     model = AutoModelForImageTextToText.from_config(built.config, dtype=torch.float32)
+    _perturb_constant_tensors(model)
     model.eval()
     model.generation_config = GenerationConfig(
         bos_token_id=built.bos_token_id, eos_token_id=built.eos_token_ids, pad_token_id=built.pad_token_id,

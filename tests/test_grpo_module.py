@@ -1,0 +1,217 @@
+"""VisionGRPOModule on a tiny random Qwen2-VL (CPU, fp32): parameters that move and stay, KL 0 at step 0,
+exact EOS / truncation / stop-string masks from a mocked ``generate``, refused configurations."""
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from PIL import Image
+
+from vlm_lightning.data.collate import VisionChatCollator
+from vlm_lightning.modules.grpo import VisionGRPOModule
+from vlm_lightning.rewards import CharF1Reward
+
+
+def spread_reward(prompts, completions, **kw):
+    """Differs between almost any two completions, so every group has a non-zero advantage."""
+    return [(sum(map(ord, c)) % 97) / 97 for c in completions]
+
+
+def _rows(n=2):
+    rows = []
+    for i in range(n):
+        img = Image.new("RGB", (56 + 28 * (i % 2), 56), (255 - 40 * i, 255, 255))
+        rows.append({"index": i, "messages": [
+            {"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "Read it."}]},
+            {"role": "assistant", "content": [{"type": "text", "text": str(10 + i)}]}]})
+    return rows
+
+
+def _module(path, **kw):
+    args = dict(reward_funcs=[spread_reward], num_generations=3, max_new_tokens=4, dtype="float32", r=4,
+                gradient_checkpointing=False, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    args.update(kw)
+    m = VisionGRPOModule(str(path), **args)
+    m.configure_model()
+    return m
+
+
+def _fit(module, rows, steps, batch_size=2):
+    collator = VisionChatCollator(module.processor, for_generation=True)
+    loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, collate_fn=collator)
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, loader)
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tiny_vlm_dir):
+    return tiny_vlm_dir("qwen2_vl")
+
+
+@pytest.mark.parametrize("level,loss_type", [("token", "dapo"), ("sequence", "grpo")])
+def test_steps_change_every_lora_param_and_no_base_param(qwen_dir, level, loss_type):
+    torch.manual_seed(0)
+    m = _module(qwen_dir, importance_sampling_level=level, loss_type=loss_type, num_iterations=2, beta=0.05,
+                generations_per_micro_batch=2)
+    before = {n: p.detach().clone() for n, p in m.model.named_parameters()}
+    # 2 rollouts x 2 iterations = 4 optimizer steps; LoRA A moves only once B != 0, i.e. from step 2
+    _fit(m, _rows(4), steps=4)
+    lora = [n for n in before if "lora_" in n]
+    assert lora
+    for n, p in m.model.named_parameters():
+        if "lora_" in n:
+            assert not torch.equal(p, before[n]), f"LoRA parameter {n} did not change"
+        else:
+            assert torch.equal(p, before[n]), f"base parameter {n} changed"
+    metrics = m.last_rollout_metrics
+    for key in ("reward/mean", "reward/std", "reward/spread_reward/mean", "advantages/std", "kl",
+                "clip_ratio/region_mean", "completions/mean_length", "completions/truncated_frac", "loss"):
+        assert key in metrics and metrics[key] == metrics[key], key  # present and not NaN
+    assert m.last_samples and {"completion", "reward", "advantage", "image"} <= set(m.last_samples[0])
+
+
+def test_kl_is_exactly_zero_at_the_first_step(qwen_dir):
+    torch.manual_seed(0)
+    m = _module(qwen_dir, beta=0.1)
+    _fit(m, _rows(2), steps=1)
+    assert m.last_rollout_metrics["kl"] == 0.0
+    assert m.last_rollout_metrics["ratio_mean"] == 1.0
+
+
+def test_kl_is_zero_at_first_step_from_a_warm_start_adapter(qwen_dir, tmp_path):
+    # reliability #23: the reference must be the warm-start adapter, not the bare base (trl#3194)
+    torch.manual_seed(0)
+    sft = _module(qwen_dir)
+    with torch.no_grad():
+        for n, p in sft.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    sft.model.save_pretrained(tmp_path / "adapter")
+    m = _module(qwen_dir, beta=0.1, adapter_path=str(tmp_path / "adapter"))
+    warm = {n: p.detach().clone() for n, p in m.model.named_parameters() if "lora_B" in n and "default" in n}
+    assert any(p.abs().sum() > 0 for p in warm.values())  # the warm start was loaded
+    _fit(m, _rows(2), steps=1)
+    assert m.last_rollout_metrics["kl"] == 0.0
+    # the frozen reference copy is not trained and not in the checkpoint
+    assert not any("grpo_reference" in k for k in m.state_dict())
+    with pytest.raises(ValueError, match="does not match"):
+        _module(qwen_dir, r=8, adapter_path=str(tmp_path / "adapter"))
+
+
+def _mock_generate(module, completions):
+    """Replace ``generate`` by one that appends fixed completions (N, C) to the prompts."""
+    def fake_generate(input_ids=None, **kw):
+        n = input_ids.shape[0]
+        comp = torch.tensor(completions, dtype=torch.long)
+        assert comp.shape[0] == n
+        return torch.cat([input_ids, comp], dim=1)
+    module.model.generate = fake_generate
+
+
+def test_mocked_generate_eos_truncation_stop_strings_and_image_tokens(qwen_dir):
+    m = _module(qwen_dir, num_generations=3, stop_strings=["</a>"])
+    tok = m.tokenizer
+    eos, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id
+    img = tok.convert_tokens_to_ids("<|image_pad|>")
+    a, b = tok.convert_tokens_to_ids("1"), tok.convert_tokens_to_ids("2")
+    stop = tok("x</a>yy", add_special_tokens=False)["input_ids"]
+    width = max(6, len(stop))
+    rows = [
+        [a, b, eos, pad, pad, pad],  # EOS at 2: mask 3 tokens, not truncated
+        [a, b, a, b, a, b],  # no EOS: truncated, mask all 6
+        [eos, a, b, a, b, a],  # EOS first: one-token completion, garbage after it is masked
+        stop + [a] * (6 - len(stop)),  # stop string: ends with its last token, not truncated
+        [a, img, b, eos, pad, pad],  # vision placeholder: rejected, fully masked
+        [a, b, eos, eos, eos, eos],  # repeated EOS (pad == eos filling): only the first counts
+    ]
+    rows = [r + [pad] * (width - len(r)) for r in rows]
+    _mock_generate(m, rows)
+    batch = VisionChatCollator(m.processor, for_generation=True)(_rows(2))
+    tiled, comp = m.generate_completions(batch, 3)
+    n_stop = next(k for k in range(1, len(stop) + 1) if "</a>" in tok.decode(stop[:k]))
+    assert comp.mask.sum(1).tolist() == [3, width, 1, n_stop, 0, 3]
+    assert comp.is_truncated.tolist() == [False, True, False, False, False, False]
+    assert comp.rejected.tolist() == [False, False, False, False, True, False]
+    assert comp.texts[0] == "12" and comp.texts[2] == ""
+    assert tiled["references"] == ["10", "11"] * 3  # tile order: row g * B + b is sample g of prompt b
+    rewards, _ = m.score(tiled, comp)
+    assert torch.isnan(rewards[4])  # a rejected completion is left out of the group statistics
+
+
+def test_all_truncated_with_masking_gives_zero_loss_and_no_update(qwen_dir):
+    torch.manual_seed(0)
+    m = _module(qwen_dir, num_generations=2, mask_truncated_completions=True, beta=0.1)
+    a = m.tokenizer.convert_tokens_to_ids("1")
+    _mock_generate(m, [[a, a, a, a]] * 4)  # no EOS anywhere
+    before = {n: p.detach().clone() for n, p in m.model.named_parameters()}
+    _fit(m, _rows(2), steps=1)
+    assert m.last_rollout_metrics["completions/truncated_frac"] == 1.0
+    assert m.last_rollout_metrics["loss"] == 0.0
+    for n, p in m.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_micro_batches_accumulate_to_the_full_batch_gradient(qwen_dir):
+    # dapo with the global token count: G tiles in one forward == one tile per forward, accumulated
+    grads = []
+    for per_micro in (None, 1):
+        torch.manual_seed(0)
+        m = _module(qwen_dir, num_generations=3, generations_per_micro_batch=per_micro)
+        with torch.no_grad():
+            for n, p in m.model.named_parameters():
+                if "lora_B" in n:
+                    p.fill_(0.01)
+        tok = m.tokenizer
+        a, eos = tok.convert_tokens_to_ids("1"), tok.convert_tokens_to_ids("<|im_end|>")
+        _mock_generate(m, [[a, eos, eos], [a, a, eos], [eos, a, a], [a, a, a], [a, eos, a], [a, a, eos]])
+        m.optimizers = lambda: _NoStep()
+        m.lr_schedulers = lambda: None
+        m._trainer = None
+        m.manual_backward = lambda loss: loss.backward()
+        m.log_dict = m.log = lambda *a, **k: None
+        m.clip_gradients = lambda *a, **k: None
+        m.training_step(VisionChatCollator(m.processor, for_generation=True)(_rows(2)), 0)
+        grads.append({n: p.grad.clone() for n, p in m.model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4)
+
+
+class _NoStep:
+    param_groups = [{"lr": 0.0}]
+
+    def zero_grad(self):
+        pass
+
+    def step(self):
+        pass
+
+
+def test_refused_configurations(qwen_dir):
+    with pytest.raises(ValueError, match="loss_type='grpo'"):
+        VisionGRPOModule(str(qwen_dir), importance_sampling_level="sequence", loss_type="dapo")
+    with pytest.raises(ValueError, match="at least 2"):
+        VisionGRPOModule(str(qwen_dir), num_generations=1)
+    with pytest.raises(ValueError, match="lora=False"):
+        VisionGRPOModule(str(qwen_dir), beta=0.1, lora=False)
+    with pytest.raises(ValueError, match="reward_weights"):
+        VisionGRPOModule(str(qwen_dir), reward_funcs=[spread_reward], reward_weights=[1.0, 2.0])
+    m = _module(qwen_dir)
+    train_batch = VisionChatCollator(m.processor)(_rows(2))  # teacher-forced batch with labels
+    with pytest.raises(ValueError, match="train_for_generation"):
+        m.training_step(train_batch, 0)
+
+
+def test_reward_errors_surface_with_the_row(qwen_dir):
+    from vlm_lightning.rewards import RewardError
+
+    def broken(prompts, completions, row_index, **kw):
+        return [1.0 / (r - 1) for r in row_index]  # prompt 1 divides by zero: tiled row 1 is its first sample
+
+    m = _module(qwen_dir, reward_funcs=[broken, CharF1Reward()])
+    batch = VisionChatCollator(m.processor, for_generation=True)(_rows(2))
+    tiled, comp = m.generate_completions(batch, 3)
+    with pytest.raises(RewardError, match="'broken' raised ZeroDivisionError on row 1"):
+        m.score(tiled, comp)

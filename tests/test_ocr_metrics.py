@@ -1,0 +1,137 @@
+"""OCRMetrics: hand-checked scores, and a real fit on the tiny Qwen2-VL + demo OCR set with CSV and
+TensorBoard loggers, ModelCheckpoint(monitor="val/cer") and EarlyStopping reading the logged values."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vlm_lightning.callbacks.ocr import OCRMetrics, TextNormalizer, score_predictions, vqa_accuracy
+
+
+def test_normalizer_options():
+    assert TextNormalizer()("  a \t\n b  ") == "a b"
+    assert TextNormalizer()("ＡＢＣ１２") == "ABC12"  # NFKC folds full-width forms
+    assert TextNormalizer(nfkc=False)("ＡＢＣ") == "ＡＢＣ"
+    assert TextNormalizer(lowercase=True, remove_punctuation=True)("Hello, World!") == "hello world"
+    assert TextNormalizer(strip=False, collapse_whitespace=False)(" a  b ") == " a  b "
+
+
+def test_scores_by_hand():
+    # "12 34" vs "12 35": 1 substitution over 5 reference characters; 1 of 2 words wrong.
+    s = score_predictions(["12 34", "abc"], ["12 35", "abc"])
+    # CER pools edits over all rows: (1 + 0) / (5 + 3)
+    assert s["cer"] == pytest.approx(1 / 8)
+    assert s["wer"] == pytest.approx(1 / 3)  # (1 + 0) / (2 + 1)
+    assert s["exact_match"] == 0.5
+    assert "vqa_acc" not in s
+    # MER = (S + D + I) / (S + D + I + hits): 1 / (1 + 2)
+    assert s["mer"] == pytest.approx(1 / 3)
+
+
+def test_vqa_accuracy():
+    assert vqa_accuracy("2", ["2", "2", "2", "3"]) == 1.0
+    assert vqa_accuracy("2", ["2", "two", "3", "4"]) == pytest.approx(1 / 3)
+    assert vqa_accuracy("cat", ["cat"]) == 1.0  # a single reference: one match is full credit
+    s = score_predictions(["Two", "x"], ["two", "y"], answers=[["two", "2", "two"], None],
+                          normalizer=TextNormalizer(lowercase=True))
+    assert s["vqa_acc"] == pytest.approx(2 / 3)  # only the row with answers counts
+    with pytest.raises(ValueError):
+        vqa_accuracy("a", [])
+
+
+def test_max_rows_validated():
+    with pytest.raises(ValueError, match="max_rows"):
+        OCRMetrics(max_rows=0)
+
+
+@pytest.fixture(scope="module")
+def demo_paths(tmp_path_factory):
+    from vlm_lightning.data import make_demo_ocr_dataset
+
+    root = tmp_path_factory.mktemp("demo_ocr")
+    paths = make_demo_ocr_dataset(root, n_train=4, n_val=6)
+    # add a VQA-style `answers` column to the validation rows
+    rows = [json.loads(line) for line in paths["val"].read_text().splitlines()]
+    for r in rows:
+        ref = r["messages"][-1]["content"][0]["text"]
+        r["answers"] = [ref, ref, "0"]
+    paths["val"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths
+
+
+def _fit(tiny_vlm_dir, tmp_path, demo_paths, eval_for_generation: bool, max_rows):
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from vlm_lightning.data import VisionChatDataModule
+    from vlm_lightning.modules import VisionSFTModule
+
+    base = str(tiny_vlm_dir("qwen2_vl"))
+    module = VisionSFTModule(base, dtype="float32", r=4, gradient_checkpointing=False)
+    dm = VisionChatDataModule(base, train=str(demo_paths["train"]), val=str(demo_paths["val"]), batch_size=2,
+                              eval_for_generation=eval_for_generation)
+    ocr = OCRMetrics(max_new_tokens=3, max_rows=max_rows, log_images=4)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/cer", mode="min", save_top_k=1)
+    loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=1, num_sanity_val_steps=1,
+                        logger=loggers, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[ocr, ckpt, EarlyStopping(monitor="val/cer", mode="min", patience=3)])
+    torch.manual_seed(0)
+    trainer.fit(module, datamodule=dm)
+    return trainer, ocr, ckpt, loggers
+
+
+@pytest.mark.parametrize("eval_for_generation", [False, True], ids=["datamodule_loader", "prompt_batches"])
+def test_fit_logs_ocr_metrics(tiny_vlm_dir, tmp_path, demo_paths, eval_for_generation):
+    max_rows = None if eval_for_generation else 5
+    trainer, ocr, ckpt, loggers = _fit(tiny_vlm_dir, tmp_path, demo_paths, eval_for_generation, max_rows)
+    n_rows = 6 if max_rows is None else max_rows
+
+    for key in ("val/cer", "val/wer", "val/mer", "val/exact_match", "val/vqa_acc"):
+        assert key in trainer.callback_metrics, key
+    assert ckpt.best_model_path and ckpt.best_model_score is not None  # monitor="val/cer" found its value
+    assert float(ckpt.best_model_score) == pytest.approx(min(ocr.last_scores["val"]["cer"], float(ckpt.best_model_score)))
+
+    # predictions jsonl: one line per scored row with prediction, reference and per-row CER
+    lines = [json.loads(x) for x in ocr.last_predictions_file.read_text().splitlines()]
+    assert len(lines) == n_rows
+    assert {"row_index", "prediction", "reference", "cer", "answers", "vqa_acc"} <= set(lines[0])
+    recomputed = score_predictions([r["prediction"] for r in lines], [r["reference"] for r in lines],
+                                   [r["answers"] for r in lines])
+    for key, value in recomputed.items():
+        assert ocr.last_scores["val"][key] == pytest.approx(value, abs=1e-6), key
+
+    # CSV logger: a val/cer column with one value per epoch (the sanity check is not scored)
+    csv_file = next((tmp_path / "csv").rglob("metrics.csv"))
+    header, *rows = csv_file.read_text().splitlines()
+    col = header.split(",").index("val/cer")
+    assert sum(1 for r in rows if r.split(",")[col]) == 2
+
+    # TensorBoard: scalars and the image grid
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(loggers[1].log_dir))
+    ev.Reload()
+    assert "val/cer" in ev.Tags()["scalars"]
+    assert "val/ocr_samples" in ev.Tags()["images"]
+
+
+def test_test_stage_scores(tiny_vlm_dir, tmp_path, demo_paths):
+    import lightning as L
+
+    from vlm_lightning.data import VisionChatDataModule
+    from vlm_lightning.modules import VisionSFTModule
+
+    base = str(tiny_vlm_dir("qwen2_vl"))
+    module = VisionSFTModule(base, dtype="float32", r=4, gradient_checkpointing=False)
+    dm = VisionChatDataModule(base, train=str(demo_paths["train"]), test=str(demo_paths["val"]), batch_size=3)
+    ocr = OCRMetrics(max_new_tokens=2, log_images=0, predictions_dir=str(tmp_path / "preds"))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[ocr])
+    out = trainer.test(module, datamodule=dm)
+    assert {"test/cer", "test/wer", "test/exact_match"} <= set(out[0])
+    assert len(ocr.last_predictions_file.read_text().splitlines()) == 6
+    assert ocr.last_predictions_file.parent == tmp_path / "preds"

@@ -1,0 +1,103 @@
+"""`GGUFExport`: at the end of `fit`, merge the LoRA (if `MergeLoRA` has not already) and write GGUF files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch import Callback
+
+__all__ = ["GGUFExport"]
+
+
+class GGUFExport(Callback):
+    """Write `<name>-<quant>.gguf` + `mmproj-<name>-f16.gguf` for llama.cpp when `fit` ends.
+
+    Uses the folder of a `MergeLoRA` callback in the same Trainer when there is one (it runs first);
+    otherwise merges into `<out_dir>/merged` itself. Global rank zero writes; other ranks wait.
+
+    Args:
+        out_dir: folder for the GGUF files.
+        quants: one or more of f16, bf16, f32, q8_0, q4_k_m, q5_k_m, q6_k (K-quants need llama-cpp-python
+            or `llama-quantize`).
+        name: file name stem (default: the merged folder's name).
+        merged_dir: an existing merged folder to convert instead of merging.
+        dtype: dtype of the merge this callback makes itself.
+        mmproj_quant: f16 (default) or f32 for the vision tower + projector.
+        at_fit_end: export when `fit` ends (`export(trainer, pl_module)` exports on demand).
+        push_to_hub: Hub repo id for the GGUF files (token from `HF_TOKEN`); private: make it private.
+
+    Example:
+        >>> trainer = L.Trainer(callbacks=[MergeLoRA("runs/demo/merged"), GGUFExport("runs/demo/gguf", quants=["q8_0"])])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        out_dir: str,
+        quants: str | list[str] = "q8_0",
+        name: str | None = None,
+        merged_dir: str | None = None,
+        dtype: str = "bfloat16",
+        mmproj_quant: str = "f16",
+        at_fit_end: bool = True,
+        push_to_hub: str | None = None,
+        private: bool = True,
+    ):
+        from ..export.gguf import GGUF_QUANTS
+
+        self.quants = [quants] if isinstance(quants, str) else list(quants)
+        bad = [q for q in self.quants if q.lower() not in GGUF_QUANTS]
+        if bad or not self.quants:
+            raise ValueError(f"GGUFExport quants={self.quants}: choose from {', '.join(GGUF_QUANTS)}")
+        self.out_dir = Path(out_dir)
+        self.name = name
+        self.merged_dir = Path(merged_dir) if merged_dir else None
+        self.dtype = dtype
+        self.mmproj_quant = mmproj_quant
+        self.at_fit_end = at_fit_end
+        self.push_to_hub = push_to_hub
+        self.private = private
+        self.written: dict[str, dict[str, Path]] = {}
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.at_fit_end and not getattr(trainer, "fast_dev_run", False):
+            self.export(trainer, pl_module)
+
+    def _merged_folder(self, trainer, pl_module) -> Path:
+        if self.merged_dir is not None:
+            return self.merged_dir
+        from .merge import MergeLoRA
+
+        for cb in trainer.callbacks:
+            if isinstance(cb, MergeLoRA) and cb.last_path is not None and Path(cb.last_path).is_dir():
+                return Path(cb.last_path)
+        from ..export.merge import merge_lora
+
+        return merge_lora(pl_module, self.out_dir / "merged", dtype=self.dtype)
+
+    def export(self, trainer, pl_module) -> dict[str, dict[str, Path]]:
+        """Export now; returns {quant: {"model": path, "mmproj": path}} on rank zero ({} elsewhere)."""
+        from ..export.gguf import to_gguf
+
+        error: BaseException | None = None
+        if trainer.is_global_zero:
+            try:
+                merged = self._merged_folder(trainer, pl_module)
+                for i, q in enumerate(self.quants):
+                    self.written[q] = to_gguf(merged, self.out_dir, quant=q, name=self.name, mmproj=i == 0,
+                                              mmproj_quant=self.mmproj_quant)
+                if self.push_to_hub:
+                    from ..export.hub import push_folder
+
+                    push_folder(self.out_dir, self.push_to_hub, private=self.private, allow_patterns=["*.gguf"],
+                                commit_message="Upload GGUF files (vlm-lightning)")
+            except BaseException as err:
+                error = err
+        trainer.strategy.barrier("vlm_lightning.gguf_export")
+        if error is not None:
+            raise error
+        return dict(self.written)
+
+    def state_dict(self) -> dict:
+        return {"written": {q: {k: str(v) for k, v in d.items()} for q, d in self.written.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.written = {q: {k: Path(v) for k, v in d.items()} for q, d in state_dict.get("written", {}).items()}

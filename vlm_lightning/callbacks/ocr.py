@@ -1,0 +1,362 @@
+"""`OCRMetrics`: generate answers for the validation (and test) rows and score them like an OCR / VQA
+benchmark: CER, WER, MER (torchmetrics), exact match and VQA accuracy, logged as `val/cer`, `val/wer`,
+`val/mer`, `val/exact_match`, `val/vqa_acc` so `ModelCheckpoint(monitor="val/cer", mode="min")` and
+`EarlyStopping` can use them.
+
+Where the prompts come from, first match wins:
+1. validation batches that are already prompt-only (`VisionChatDataModule(eval_for_generation=True)`):
+   scored as they pass, sharded across ranks by Lightning;
+2. otherwise `trainer.datamodule.generation_dataloader(split)` at epoch end (batches dealt round-robin
+   to the ranks);
+3. otherwise the `rows=` given to the callback, collated with `VisionChatCollator(processor, for_generation=True)`.
+"""
+from __future__ import annotations
+
+import json
+import re
+import string
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from lightning.pytorch import Callback
+
+__all__ = ["OCRMetrics", "TextNormalizer", "vqa_accuracy", "score_predictions"]
+
+
+@dataclass
+class TextNormalizer:
+    """How predictions and references are normalised before scoring (all metrics use the same text).
+
+    Example:
+        >>> TextNormalizer(lowercase=True)("  Ｈｅｌｌｏ\\n World ")
+        'hello world'
+    """
+
+    strip: bool = True
+    lowercase: bool = False
+    collapse_whitespace: bool = True
+    nfkc: bool = True
+    remove_punctuation: bool = False
+
+    def __call__(self, text: str) -> str:
+        text = text or ""
+        if self.nfkc:
+            text = unicodedata.normalize("NFKC", text)
+        if self.lowercase:
+            text = text.lower()
+        if self.remove_punctuation:
+            text = text.translate(str.maketrans("", "", string.punctuation))
+        if self.collapse_whitespace:
+            text = re.sub(r"\s+", " ", text)
+        if self.strip:
+            text = text.strip()
+        return text
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """VQA accuracy of one (normalised) prediction against the (normalised) human answers:
+    min(1, #matching answers / 3) (Antol et al. 2015, as the VQA v2 evaluation; with fewer than 3 answers,
+    one match out of all of them counts as fully correct).
+
+    Example:
+        >>> vqa_accuracy("2", ["2", "2", "two", "3"])
+        0.6666666666666666
+    """
+    if not answers:
+        raise ValueError("vqa_accuracy needs at least one reference answer")
+    matches = sum(prediction == a for a in answers)
+    return min(1.0, matches / min(3, len(answers)))
+
+
+def score_predictions(predictions: Sequence[str], references: Sequence[str],
+                      answers: Sequence[Sequence[str] | None] | None = None,
+                      normalizer: TextNormalizer | None = None) -> dict[str, float]:
+    """CER, WER, MER, exact match (and VQA accuracy over rows with several answers) of finished predictions.
+
+    Example:
+        >>> score_predictions(["12 34"], ["12 35"])["cer"]
+        0.2
+    """
+    from torchmetrics.functional.text import char_error_rate, match_error_rate, word_error_rate
+
+    norm = normalizer or TextNormalizer()
+    p = [norm(x) for x in predictions]
+    r = [norm(x) for x in references]
+    out = {"cer": float(char_error_rate(p, r)), "wer": float(word_error_rate(p, r)), "mer": float(match_error_rate(p, r)),
+           "exact_match": sum(a == b for a, b in zip(p, r)) / max(len(p), 1)}
+    vqa = [vqa_accuracy(x, [norm(a) for a in ans]) for x, ans in zip(p, answers or [None] * len(p)) if ans]
+    if vqa:
+        out["vqa_acc"] = sum(vqa) / len(vqa)
+    return out
+
+
+class _StageScores:
+    """Metric states for one stage; torchmetrics' compute() all-reduces them across ranks."""
+
+    def __init__(self, device: torch.device):
+        from torchmetrics import MeanMetric
+        from torchmetrics.text import CharErrorRate, MatchErrorRate, WordErrorRate
+
+        self.cer = CharErrorRate().to(device)
+        self.wer = WordErrorRate().to(device)
+        self.mer = MatchErrorRate().to(device)
+        self.exact = MeanMetric().to(device)
+        self.vqa = MeanMetric().to(device)
+        self.n_vqa = 0
+        self.rows: list[dict] = []  # this rank's predictions (gathered to rank zero for the jsonl)
+        self.images: list[tuple[Any, str, str]] = []
+
+    def update(self, preds: list[str], refs: list[str]) -> None:
+        # empty references would make CER divide by zero: score them by exact match only
+        keep = [i for i, r in enumerate(refs) if r]
+        if keep:
+            p, r = [preds[i] for i in keep], [refs[i] for i in keep]
+            self.cer.update(p, r)
+            self.wer.update(p, r)
+            self.mer.update(p, r)
+        self.exact.update(torch.tensor([float(a == b) for a, b in zip(preds, refs)], device=self.exact.device))
+
+
+class OCRMetrics(Callback):
+    """Score generated answers at the end of every validation (and test) epoch.
+
+    Args:
+        max_new_tokens: generation budget per answer.
+        max_rows: score at most this many rows per epoch (all ranks together); None scores every row.
+        do_sample: False = greedy decoding (the default for scoring).
+        generate_kwargs: extra `generate` arguments (num_beams, repetition_penalty, ...).
+        strip, lowercase, collapse_whitespace, nfkc, remove_punctuation: `TextNormalizer` settings.
+        answers_column: row column holding several reference answers (VQA accuracy); rows without it count
+            only in the other metrics.
+        predictions_dir: folder for `<stage>_epoch<E>_step<S>.jsonl` (default `<log_dir>/predictions`).
+        log_images: number of (image, prediction, reference) tiles logged to TensorBoard per epoch (0: none).
+        on_sanity_check: also score during Lightning's sanity check (off: that pass is only a smoke test).
+        rows: normalised rows to score when neither the batches nor the datamodule provide prompts.
+
+    Example:
+        >>> trainer = L.Trainer(callbacks=[OCRMetrics(max_new_tokens=32),
+        ...                                ModelCheckpoint(monitor="val/cer", mode="min")])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        max_new_tokens: int = 64,
+        max_rows: int | None = None,
+        do_sample: bool = False,
+        generate_kwargs: dict | None = None,
+        strip: bool = True,
+        lowercase: bool = False,
+        collapse_whitespace: bool = True,
+        nfkc: bool = True,
+        remove_punctuation: bool = False,
+        answers_column: str = "answers",
+        predictions_dir: str | None = None,
+        log_images: int = 8,
+        on_sanity_check: bool = False,
+        rows: list[dict] | None = None,
+    ):
+        if max_rows is not None and max_rows < 1:
+            raise ValueError(f"max_rows={max_rows}: use None (all rows) or a positive number")
+        self.max_new_tokens = max_new_tokens
+        self.max_rows = max_rows
+        self.do_sample = do_sample
+        self.generate_kwargs = dict(generate_kwargs or {})
+        self.normalizer = TextNormalizer(strip, lowercase, collapse_whitespace, nfkc, remove_punctuation)
+        self.answers_column = answers_column
+        self.predictions_dir = predictions_dir
+        self.log_images = log_images
+        self.on_sanity_check = on_sanity_check
+        self.rows = rows
+        self.last_scores: dict[str, dict[str, float]] = {}
+        self.last_predictions_file: Path | None = None
+        self._scores: _StageScores | None = None
+        self._answers_by_index: dict[int, list[str] | None] | None = None
+
+    # ------------------------------------------------------------------------------------ hooks
+    def _active(self, trainer) -> bool:
+        return self.on_sanity_check or not trainer.sanity_checking
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._start(pl_module)
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._start(pl_module)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._active(trainer) and isinstance(batch, dict) and "references" in batch:
+            self._score_batch(trainer, pl_module, batch, "val")
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if isinstance(batch, dict) and "references" in batch:
+            self._score_batch(trainer, pl_module, batch, "test")
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self._active(trainer):
+            self._finish(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._finish(trainer, pl_module, "test")
+
+    # ----------------------------------------------------------------------------------- scoring
+    def _start(self, pl_module) -> None:
+        self._scores = _StageScores(pl_module.device)
+        self._seen = 0  # rows scored on this rank
+
+    def _rank_budget(self, trainer) -> int | None:
+        if self.max_rows is None:
+            return None
+        ws, rank = trainer.world_size, trainer.global_rank
+        return self.max_rows // ws + (1 if rank < self.max_rows % ws else 0)
+
+    def _score_batch(self, trainer, pl_module, batch: dict, stage: str) -> None:
+        if self._scores is None:
+            self._start(pl_module)
+        budget = self._rank_budget(trainer)
+        if budget is not None and self._seen >= budget:
+            return
+        preds = pl_module.generate(batch, max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, **self.generate_kwargs)
+        refs = list(batch["references"])
+        idx = [int(i) for i in batch.get("row_index", range(self._seen, self._seen + len(refs)))]
+        images = batch.get("images") or [None] * len(refs)
+        n = len(refs) if budget is None else min(len(refs), budget - self._seen)
+        preds, refs, idx, images = preds[:n], refs[:n], idx[:n], images[:n]
+        self._seen += n
+        p = [self.normalizer(x) for x in preds]
+        r = [self.normalizer(x) for x in refs]
+        s = self._scores
+        s.update(p, r)
+        answers = self._answers_for(trainer, stage, idx)
+        from torchmetrics.functional.text import char_error_rate
+
+        for k in range(n):
+            row = {"row_index": idx[k], "prediction": preds[k], "reference": refs[k],
+                   "cer": float(char_error_rate(p[k], r[k])) if r[k] else float(p[k] != r[k])}
+            if answers[k]:
+                acc = vqa_accuracy(p[k], [self.normalizer(a) for a in answers[k]])
+                s.vqa.update(torch.tensor(acc, device=s.vqa.device))
+                s.n_vqa += 1
+                row["answers"], row["vqa_acc"] = list(answers[k]), acc
+            s.rows.append(row)
+            if len(s.images) < self.log_images and images[k]:
+                first = images[k][0] if isinstance(images[k], (list, tuple)) else images[k]
+                s.images.append((first, preds[k], refs[k]))
+
+    def _answers_for(self, trainer, stage: str, idx: list[int]) -> list[list[str] | None]:
+        """The `answers` column of the source rows (by row index), when the datamodule has one."""
+        if self._answers_by_index is None:
+            self._answers_by_index = {}
+            if self.rows is not None:
+                for i, row in enumerate(self.rows):
+                    self._answers_by_index[int(row.get("index", i))] = row.get(self.answers_column)
+        if self.rows is None:
+            dm = getattr(trainer, "datamodule", None)
+            ds = (getattr(dm, "datasets", None) or {}).get(stage)
+            if ds is not None and hasattr(ds, "raw"):
+                pos = getattr(self, f"_pos_{stage}", None)
+                if pos is None:
+                    pos = {src: k for k, src in enumerate(getattr(ds, "indices", range(len(ds))))}
+                    setattr(self, f"_pos_{stage}", pos)
+                out = []
+                for i in idx:
+                    ans = ds.raw(pos[i]).get(self.answers_column) if i in pos else None
+                    out.append(list(ans) if isinstance(ans, (list, tuple)) and len(ans) > 0 else None)
+                return out
+        return [self._answers_by_index.get(i) for i in idx]
+
+    def _generation_batches(self, trainer, pl_module, stage: str):
+        dm = getattr(trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "generation_dataloader") and stage in (getattr(dm, "datasets", None) or {}):
+            loader = dm.generation_dataloader(stage)
+        elif self.rows is not None:
+            from ..data import VisionChatCollator
+
+            collate = VisionChatCollator(pl_module.processor, for_generation=True)
+            bs = 4
+            loader = [collate(self.rows[i:i + bs]) for i in range(0, len(self.rows), bs)]
+        else:
+            raise ValueError(
+                "OCRMetrics found no prompts to score: use VisionChatDataModule (with a val split), "
+                "eval_for_generation=True batches, or pass rows= to OCRMetrics")
+        ws, rank = trainer.world_size, trainer.global_rank
+        for b, batch in enumerate(loader):
+            if b % ws == rank and batch is not None:
+                yield batch
+
+    def _finish(self, trainer, pl_module, stage: str) -> None:
+        if self._scores is None:
+            self._start(pl_module)
+        if self._seen == 0:  # batches carried no prompts: generate from the datamodule's prompt-only loader
+            budget = self._rank_budget(trainer)
+            for batch in self._generation_batches(trainer, pl_module, stage):
+                if budget is not None and self._seen >= budget:
+                    break
+                self._score_batch(trainer, pl_module, batch, stage)
+        s = self._scores
+        n_total = int(trainer.strategy.reduce(torch.tensor(float(self._seen), device=pl_module.device), reduce_op="sum"))
+        if n_total == 0:
+            raise ValueError(f"OCRMetrics: no {stage} rows were scored")
+        scores = {"cer": s.cer.compute(), "wer": s.wer.compute(), "mer": s.mer.compute(), "exact_match": s.exact.compute()}
+        n_vqa = int(trainer.strategy.reduce(torch.tensor(float(s.n_vqa), device=pl_module.device), reduce_op="sum"))
+        if n_vqa:
+            scores["vqa_acc"] = s.vqa.compute()
+        for key, value in scores.items():
+            pl_module.log(f"{stage}/{key}", value.float(), prog_bar=key == "cer", sync_dist=False, on_epoch=True)
+        self.last_scores[stage] = {k: float(v) for k, v in scores.items()}
+        rows = _gather_objects(trainer, s.rows)
+        if trainer.is_global_zero:
+            self.last_predictions_file = self._write_predictions(trainer, stage, rows)
+            self._log_images(trainer, stage, s.images)
+        self._scores = None
+
+    # ---------------------------------------------------------------------------------- outputs
+    def _write_predictions(self, trainer, stage: str, rows: list[dict]) -> Path:
+        base = Path(self.predictions_dir) if self.predictions_dir else Path(trainer.log_dir or trainer.default_root_dir) / "predictions"
+        base.mkdir(parents=True, exist_ok=True)
+        path = base / f"{stage}_epoch{trainer.current_epoch:03d}_step{trainer.global_step:06d}.jsonl"
+        with path.open("w", encoding="utf-8") as f:
+            for row in sorted(rows, key=lambda r: r["row_index"]):
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return path
+
+    def _log_images(self, trainer, stage: str, tiles: list) -> None:
+        if not tiles or not self.log_images:
+            return
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not loggers:
+            return
+        import numpy as np
+
+        grid = np.asarray(_tile_grid(tiles))
+        for lg in loggers:
+            lg.experiment.add_image(f"{stage}/ocr_samples", grid, global_step=trainer.global_step, dataformats="HWC")
+
+
+def _gather_objects(trainer, obj: list) -> list:
+    if trainer.world_size == 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return list(obj)
+    parts: list = [None] * trainer.world_size
+    torch.distributed.all_gather_object(parts, obj)
+    return [x for part in parts for x in part]
+
+
+def _tile_grid(tiles: list, tile: int = 192, text_h: int = 44, cols: int = 4):
+    """A PIL grid: each tile is the image (fit into tile x tile) with 'P: prediction' / 'R: reference' below."""
+    from PIL import Image, ImageDraw
+
+    rows_n = (len(tiles) + cols - 1) // cols
+    canvas = Image.new("RGB", (cols * tile, rows_n * (tile + text_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, (img, pred, ref) in enumerate(tiles):
+        x, y = (k % cols) * tile, (k // cols) * (tile + text_h)
+        if isinstance(img, Image.Image):
+            im = img.convert("RGB")
+            im.thumbnail((tile, tile))
+            canvas.paste(im, (x + (tile - im.width) // 2, y + (tile - im.height) // 2))
+        draw.text((x + 4, y + tile + 4), f"P: {pred[:28]}", fill=(200, 0, 0))
+        draw.text((x + 4, y + tile + 22), f"R: {ref[:28]}", fill=(0, 120, 0))
+    return canvas
