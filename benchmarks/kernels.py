@@ -82,7 +82,7 @@ def peak_extra_gib(fn) -> float | None:
 def ceilings(dev) -> dict:
     """Copy bandwidth (GB/s) and bf16 matmul rate (TFLOP/s) measured now, on this device."""
     if dev.type != "cuda":
-        return {"copy_gbps": float("nan"), "bf16_tflops": float("nan")}
+        return {"copy_gbps": None, "bf16_tflops": None}
     x = torch.empty(2**29, dtype=torch.uint8, device=dev)  # 512 MiB
     y = torch.empty_like(x)
     ms = do_bench(lambda: y.copy_(x), rep=100)
@@ -318,8 +318,7 @@ def main():
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     want = set(args.arms.split(","))
     ceil = ceilings(dev)
-    print(f"device: {common.device_name()}  copy {ceil['copy_gbps']:.0f} GB/s  bf16 matmul "
-          f"{ceil['bf16_tflops']:.0f} TFLOP/s", flush=True)
+    print(f"device: {common.device_name()}  ceilings: {ceil}", flush=True)
     rows, records = [], []
     only = set(filter(None, args.only.split(",")))
     for case in build_cases(dev, dt, args.tiny):
@@ -344,10 +343,12 @@ def main():
                         fig.update(ms=ms, peak_extra_gib=mem)
                         if nbytes:
                             fig["gbps"] = nbytes / ms / 1e6
-                            fig["frac_copy_bw"] = fig["gbps"] / ceil["copy_gbps"]
+                            if ceil["copy_gbps"]:
+                                fig["frac_copy_bw"] = fig["gbps"] / ceil["copy_gbps"]
                         if flops:
                             fig["tflops"] = flops / ms / 1e9
-                            fig["frac_matmul_peak"] = fig["tflops"] / ceil["bf16_tflops"]
+                            if ceil["bf16_tflops"]:
+                                fig["frac_matmul_peak"] = fig["tflops"] / ceil["bf16_tflops"]
                     except Exception as e:  # noqa: BLE001 - report and go on
                         fig["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
                         if os.environ.get("BENCH_DEBUG"):
@@ -364,8 +365,8 @@ def main():
     print(f"total {time.perf_counter() - t_start:.0f} s")
     if args.md:
         Path(args.md).parent.mkdir(parents=True, exist_ok=True)
-        head = (f"Kernels on {common.device_name()} ({dt}), copy {ceil['copy_gbps']:.0f} GB/s, bf16 matmul "
-                f"{ceil['bf16_tflops']:.0f} TFLOP/s (measured in the same run), commit {common.git_commit()}\n\n")
+        head = (f"Kernels on {common.device_name()} ({dt}), ceilings measured in the same run: {ceil}, "
+                f"commit {common.git_commit()}\n\n")
         Path(args.md).write_text(head + table + "\n")
     if args.jsonl:
         common.append_jsonl(args.jsonl, records)
@@ -393,7 +394,7 @@ def render(rows) -> str:
             return f"{o['ms'] / fig['ms']:.2f}" if o and "ms" in o and other != arm else ""
 
         out.append(f"| {case.name} | {key[1]} | {key[2]} | {arm} | {fig['ms']:.3f} | {rate} | "
-                   f"{'' if frac is None or frac != frac else f'{frac:.0%}'} | {mem} | {ratio('eager')} | "
+                   f"{'' if frac is None else f'{frac:.0%}'} | {mem} | {ratio('eager')} | "
                    f"{ratio('compile')} | {ratio('liger')} |")
     return "\n".join(out)
 

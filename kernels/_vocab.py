@@ -134,10 +134,10 @@ def default_chunk_rows(vocab: int, elt_size: int, budget_bytes: int = 128 * 2**2
 
 
 def _segments(n_rows: int, vocab: int, block: int, device: torch.device) -> int:
-    """Vocabulary segment length (a multiple of block) giving at least ~4 programs per SM."""
+    """Vocabulary segment length (a multiple of block) giving at least ~8 programs per SM."""
     if device.type != "cuda":
         return max(block, triton.cdiv(vocab, block) * block)  # interpreter: one segment per row
-    want = max(1, min(32, (4 * sm_count(device.index or 0) + n_rows - 1) // max(1, n_rows)))
+    want = max(1, min(32, (8 * sm_count(device.index or 0) + n_rows - 1) // max(1, n_rows)))
     seg = triton.cdiv(triton.cdiv(vocab, want), block) * block
     return max(block, seg)
 

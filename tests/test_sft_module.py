@@ -71,7 +71,7 @@ def test_gradient_accumulation_equals_one_big_batch(qwen_data):
     for name in g_whole:
         torch.testing.assert_close(g_micro[name], g_whole[name], rtol=1e-4, atol=1e-6, msg=name)
     # the naive per-micro-batch mean weighs tokens differently whenever the counts differ
-    assert counts[0] * 3 != counts[1], counts
+    assert counts[0] != counts[1], counts
 
 
 def test_checkpoint_holds_only_trainable_weights(qwen_data, tmp_path):

@@ -16,7 +16,9 @@ decisions that depend on the model are taken when the strategy wraps it:
 * ``VisionFSDPStrategy``: FSDP (1, what Lightning's ``FSDPStrategy`` wraps) with every text decoder layer
   as its own unit (``LayerWrapPolicy``; the classes come from the family table,
   ``vlm_lightning.models.families``, falling back to class names ending in ``DecoderLayer``).
-  ``use_orig_params=True`` so frozen base and trainable LoRA weights can share a unit.
+  ``use_orig_params=True`` so frozen base and trainable LoRA weights can share a unit. Gradient clipping
+  by norm (``Trainer(gradient_clip_val=...)``, GRPO's ``max_grad_norm``) goes through the root's
+  ``clip_grad_norm_``, which Lightning's own FSDP precision plugin refuses.
   Vision blocks are wrapped only with ``wrap_vision_blocks=True``: a wrapped block all-gathers when it
   runs, so a step where one rank has images and another has none would pair different collectives and
   hang. The strategy checks this every step when it can happen (wrapped vision blocks, or a trainable
@@ -281,6 +283,18 @@ class VisionFSDPStrategy(FSDPStrategy):
         self._check_images(args[0] if args else kwargs.get("batch"))
         return super().validation_step(*args, **kwargs)
 
+    @property
+    def precision_plugin(self):
+        plugin = FSDPStrategy.precision_plugin.fget(self)
+        if type(plugin).__name__ == "FSDPPrecision":  # swap in the norm-clipping one, once
+            plugin = _norm_clipping_fsdp_precision(plugin, self)
+            self._precision_plugin = plugin
+        return plugin
+
+    @precision_plugin.setter
+    def precision_plugin(self, plugin) -> None:
+        FSDPStrategy.precision_plugin.fset(self, plugin)
+
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """Our modules checkpoint only trainable weights (their ``state_dict`` override). Under FSDP that
         override would read sharded views with wrapper names, so gather them unsharded, with clean names,
@@ -290,6 +304,25 @@ class VisionFSDPStrategy(FSDPStrategy):
             full = gather_full_state_dict(self, module, trainable_only=True)
             return {f"model.{k}": v for k, v in full.items()}
         return super().lightning_module_state_dict()
+
+
+def _norm_clipping_fsdp_precision(plugin: Any, strategy: VisionFSDPStrategy) -> Any:
+    """An ``FSDPPrecision`` that clips by norm through the root FSDP module (``clip_grad_norm_``: the norm
+    over every rank's shard). Lightning's own refuses ("`gradient_clip_algorithm='norm'` is currently not
+    supported for `FSDPPrecision`") because the plugin has no reference to the root; the strategy has."""
+    from lightning.pytorch.plugins.precision import FSDPPrecision
+
+    class NormClippingFSDPPrecision(FSDPPrecision):
+        def clip_grad_by_norm(self, optimizer: Any, clip_val: float) -> None:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            root = strategy.model
+            if not isinstance(root, FSDP):
+                raise RuntimeError("gradient clipping by norm under FSDP before the model was wrapped")
+            root.clip_grad_norm_(clip_val)
+
+    clipping = NormClippingFSDPPrecision(plugin.precision, getattr(plugin, "scaler", None))
+    return clipping
 
 
 def _already_fsdp(model: nn.Module) -> bool:
@@ -420,7 +453,7 @@ def _strategy_of(trainer_or_strategy: Any) -> Strategy:
 
 
 def gather_full_state_dict(trainer: Any, pl_module: nn.Module, trainable_only: bool = True,
-                           rank0_only: bool = True) -> dict[str, torch.Tensor]:
+                           rank0_only: bool = True, clean_names: bool = True) -> dict[str, torch.Tensor]:
     """Unsharded weights of ``pl_module.model`` (PEFT names, e.g. ``base_model.model...lora_A.default.weight``)
     as CPU tensors. A collective under FSDP and ZeRO-3: call it on every rank, outside forward/backward.
 
@@ -430,6 +463,7 @@ def gather_full_state_dict(trainer: Any, pl_module: nn.Module, trainable_only: b
             frozen base and buffers; for a QLoRA model those are packed 4-bit storage, so merge from the
             16-bit base on disk instead (``merge_lora`` does).
         rank0_only: return the tensors on global rank zero only (others get ``{}``), which saves memory.
+        clean_names: drop the ``_fsdp_wrapped_module.`` segments (False: names as the wrapped model has them).
 
     Example:
         >>> sd = gather_full_state_dict(trainer, module)   # every rank
@@ -440,11 +474,13 @@ def gather_full_state_dict(trainer: Any, pl_module: nn.Module, trainable_only: b
     is_zero = getattr(strategy, "global_rank", 0) == 0
     wrapped = getattr(strategy, "model", None)
 
+    name_of = clean_parameter_name if clean_names else (lambda n: n)
+
     def read() -> dict[str, torch.Tensor]:
-        out = {clean_parameter_name(n): p.detach().to("cpu", copy=True)
+        out = {name_of(n): p.detach().to("cpu", copy=True)
                for n, p in model.named_parameters() if p.requires_grad or not trainable_only}
         if not trainable_only:
-            out.update({clean_parameter_name(n): b.detach().to("cpu", copy=True) for n, b in model.named_buffers()})
+            out.update({name_of(n): b.detach().to("cpu", copy=True) for n, b in model.named_buffers()})
         return out
 
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -477,12 +513,17 @@ def save_adapter_gathered(trainer: Any, pl_module: nn.Module, directory: str | P
 
     directory = Path(directory)
     strategy = _strategy_of(trainer)
-    full = gather_full_state_dict(trainer, pl_module, trainable_only=True)
+    # PEFT picks adapter keys by the model's module names, which carry FSDP's wrapper segments: keep them
+    # for the selection, clean them after
+    full = gather_full_state_dict(trainer, pl_module, trainable_only=True, clean_names=False)
     error: BaseException | None = None
     if getattr(strategy, "global_rank", 0) == 0:
         try:
             peft_model = pl_module.model
             sd = get_peft_model_state_dict(peft_model, state_dict=full, adapter_name="default")
+            sd = {clean_parameter_name(k): v for k, v in sd.items()}
+            if not sd:
+                raise RuntimeError(f"save_adapter_gathered: no adapter weight among {len(full)} trainable tensors")
             directory.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in sd.items()}, str(directory / "adapter_model.safetensors"),
                       metadata={"format": "pt"})
@@ -499,8 +540,47 @@ def save_adapter_gathered(trainer: Any, pl_module: nn.Module, directory: str | P
     return directory
 
 
+def run_unsharded(trainer: Any, pl_module: nn.Module, method: str, *args: Any, **kwargs: Any) -> Any:
+    """Call ``pl_module.<method>(*args, **kwargs)`` with FSDP's root unit gathered, as Lightning runs
+    ``training_step``: through the wrapped model's ``forward``. Needed for model calls made outside a step,
+    e.g. ``generate`` from a callback: there, FSDP's root unit (embeddings, vision tower, lm_head) is
+    still sharded. A plain call for every other strategy. Under FSDP it is a collective: every rank must
+    make the same calls (HF ``generate`` then keeps the ranks in step by itself, ``synced_gpus``).
+
+    Example:
+        >>> texts = run_unsharded(trainer, module, "generate", batch, max_new_tokens=32)
+    """
+    strategy = _strategy_of(trainer)
+    wrapped = getattr(strategy, "model", None)
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if isinstance(wrapped, FSDP) and wrapped is not pl_module:
+        return strategy._forward_redirection(wrapped, pl_module, method, *args, **kwargs)
+    return getattr(pl_module, method)(*args, **kwargs)
+
+
+def shards_parameters(trainer: Any) -> bool:
+    """Whether the trainer's strategy shards parameters (FSDP, ZeRO-3): then no single rank holds the model."""
+    return _strategy_kind(_strategy_of(trainer)) in ("fsdp", "deepspeed3")
+
+
+def exportable_source(trainer: Any, pl_module: nn.Module, scratch_dir: str | Path) -> Any:
+    """What ``merge_lora`` / the GGUF export should read after training: the module itself when rank zero
+    holds full weights (one device, DDP, ZeRO-2), else an adapter folder written from the gathered state
+    (FSDP, ZeRO-3). Collective under those: call on every rank, then export on rank zero only.
+
+    Example:
+        >>> src = exportable_source(trainer, module, "runs/ocr/adapter_gathered")   # every rank
+        >>> if trainer.is_global_zero:
+        ...     merge_lora(src, "runs/ocr/merged", base_name_or_path=module.hparams.model_name_or_path)
+    """
+    if shards_parameters(trainer):
+        return save_adapter_gathered(trainer, pl_module, scratch_dir)
+    return pl_module
+
+
 __all__ = [
     "LayerWrapPolicy", "STRATEGY_NAMES", "VisionDDPStrategy", "VisionFSDPStrategy", "batch_has_images",
-    "check_module_strategy", "clean_parameter_name", "gather_full_state_dict", "layer_class_names",
+    "check_module_strategy", "clean_parameter_name", "exportable_source", "run_unsharded", "shards_parameters", "gather_full_state_dict", "layer_class_names",
     "make_strategy", "save_adapter_gathered", "validate_strategy_for_quantization", "vision_parameters_trainable",
 ]

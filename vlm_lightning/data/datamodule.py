@@ -309,7 +309,9 @@ class VisionChatDataModule(L.LightningDataModule):
         if self.processor is None:
             from transformers import AutoProcessor
 
-            self.processor = AutoProcessor.from_pretrained(self.model_name_or_path)
+            from vlm_lightning.models.loading import resolve_model_path  # tiny:<name> builds on first use
+
+            self.processor = AutoProcessor.from_pretrained(resolve_model_path(self.model_name_or_path))
         apply_pixel_bounds(self.processor, self.min_pixels, self.max_pixels)
         return self.processor
 

@@ -224,8 +224,14 @@ def _gemma3_text_kv(w: gguf.GGUFWriter, cfg: dict) -> None:
         w.add_final_logit_softcapping(t["final_logit_softcapping"])
     if t.get("attn_logit_softcapping"):
         raise UnsupportedGGUFFamily("gemma3 with attn_logit_softcapping has no llama.cpp support")
-    if t.get("sliding_window_pattern", 6) != 1:
+    if t.get("sliding_window_pattern", 6) != 1 and t.get("sliding_window"):
         w.add_sliding_window(t["sliding_window"])
+        layer_types = t.get("layer_types")
+        if layer_types:
+            # llama.cpp assumes every 6th layer is global unless told per layer; transformers 5 configs say it
+            if len(layer_types) != t["num_hidden_layers"]:
+                raise ValueError(f"gemma3 layer_types has {len(layer_types)} entries for {t['num_hidden_layers']} layers")
+            w.add_sliding_window_pattern([lt == "sliding_attention" for lt in layer_types])
 
 
 def _gemma3_text_transform(rest: str, a: np.ndarray, cfg: dict) -> np.ndarray:

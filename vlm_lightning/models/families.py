@@ -166,7 +166,9 @@ FAMILIES: dict[str, FamilySpec] = {
         norm="rms", mlp_act="swiglu", rope="rope",
         image_token="[IMG]", image_special_tokens=_MISTRAL_IMAGE_TOKENS,
         needs_mm_token_type_ids=False, processor_outputs=("pixel_values", "image_sizes"),
-        min_image_side=28,  # patch 14 x spatial merge 2
+        # patch 14 x spatial merge 2. Known transformers bug (5.17 and 5.24): a batch whose images give ONE
+        # feature in total (a single image <= 28x28) crashes in get_image_features (`squeeze(0)`).
+        min_image_side=28,
         **_LLAVA_PATHS, **_PIXTRAL_VISION,
     ),
     "mistral3_small": FamilySpec(

@@ -193,13 +193,16 @@ class VisionGRPOModule(VisionSFTModule):
         from peft import load_peft_weights, set_peft_model_state_dict
 
         weights = load_peft_weights(path, device="cpu")
-        result = set_peft_model_state_dict(self.model, weights, adapter_name="default")
-        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+        hint = "use the same r / finetune_* / target_modules as the run that saved it"
+        try:
+            result = set_peft_model_state_dict(self.model, weights, adapter_name="default")
+        except RuntimeError as exc:  # shape mismatch (another r)
+            raise ValueError(f"adapter_path={path!r} does not match this LoRA setup ({hint}): {exc}") from exc
+        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k and ".default." in k]
         unexpected = list(getattr(result, "unexpected_keys", []))
         if missing or unexpected:
             raise ValueError(f"adapter_path={path!r} does not match this LoRA setup: missing {missing[:4]} "
-                             f"(of {len(missing)}), unexpected {unexpected[:4]} (of {len(unexpected)}); use the "
-                             "same r / finetune_* / target_modules as the run that saved it")
+                             f"(of {len(missing)}), unexpected {unexpected[:4]} (of {len(unexpected)}); {hint}")
         if self.hparams.beta > 0:
             self.model.load_adapter(path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
             self.model.set_adapter("default")

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -112,6 +113,12 @@ def supervised_token_loss(hf_model: torch.nn.Module, hidden: torch.Tensor, label
     if cap is not None:
         logits = cap * torch.tanh(logits.float() / cap)
     return masked_token_loss(logits[None], shifted[keep][None], num_items_in_batch=normalizer, shift=False)
+
+
+def _jsonable(value):
+    if isinstance(value, (set, frozenset, tuple)):
+        return sorted(value, key=str)
+    return getattr(value, "value", str(value))  # enums (PeftType, TaskType) -> their string
 
 
 def _require_kernels():
@@ -393,7 +400,8 @@ class VisionSFTModule(L.LightningModule):
         info = {"model_name_or_path": self.hparams.model_name_or_path, "adapter_only": bool(self.hparams.lora)}
         peft_config = getattr(self.model, "peft_config", None)
         if peft_config:
-            info["peft_config"] = peft_config["default"].to_dict()
+            # plain JSON types only: Lightning resumes with torch.load(weights_only=True)
+            info["peft_config"] = json.loads(json.dumps(peft_config["default"].to_dict(), default=_jsonable))
         checkpoint["vlm_lightning"] = info
 
     def save_adapter(self, directory: str | Path) -> Path:

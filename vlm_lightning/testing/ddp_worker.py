@@ -147,6 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--wrap-vision-blocks", action="store_true")
     p.add_argument("--sharding-strategy", default="FULL_SHARD")
     p.add_argument("--save-adapter", action="store_true", help="save_adapter_gathered to <out>/adapter")
+    p.add_argument("--save-checkpoint", action="store_true", help="trainer.save_checkpoint(<out>/last.ckpt)")
+    p.add_argument("--check-generate", action="store_true",
+                   help="after fit, greedy-generate on one prompt batch through run_unsharded")
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)  # 2 processes on a shared 2-core CI machine
@@ -174,6 +177,28 @@ def main(argv: list[str] | None = None) -> None:
         "gathered_rank0": sorted(gather_full_state_dict(trainer, module, trainable_only=True)),
         "env_local_rank": os.environ.get("LOCAL_RANK"),
     }
+    if args.save_checkpoint:  # a collective under FSDP: every rank calls it, rank 0 writes
+        trainer.save_checkpoint(out / "last.ckpt")
+    if args.check_generate:  # model calls from outside a step (as callbacks make them), same inputs on every rank
+        from transformers import AutoProcessor
+
+        from vlm_lightning.data import VisionChatCollator
+        from vlm_lightning.strategies import run_unsharded
+
+        processor = AutoProcessor.from_pretrained(args.model)
+        module.eval()
+        prompts = VisionChatCollator(processor, for_generation=True)(_rows(True, 2, offset=7))
+        result["generated"] = run_unsharded(trainer, module, "generate", prompts, max_new_tokens=4)
+        batch = VisionChatCollator(processor)(_rows(True, 2, offset=7))
+        with torch.no_grad():
+            loss, _ = run_unsharded(trainer, module, "loss_sum", batch, torch.tensor(1.0))
+        result["unsharded_loss_sum"] = float(loss)
+        try:  # for the record: the same call made directly, bypassing the wrapper
+            with torch.no_grad():
+                result["direct_loss_sum"] = float(module.loss_sum(batch, torch.tensor(1.0))[0])
+            result["direct_error"] = None
+        except Exception as err:  # noqa: BLE001
+            result["direct_error"] = f"{type(err).__name__}: {str(err)[:200]}"
     if args.save_adapter:
         save_adapter_gathered(trainer, module, out / "adapter")
     torch.save(result, out / f"rank{trainer.global_rank}.pt")
