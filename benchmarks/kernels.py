@@ -22,7 +22,6 @@ Smoke (CPU, Triton interpreter, tiny shapes):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

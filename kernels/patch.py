@@ -42,7 +42,6 @@ import torch.nn.functional as F
 from .cross_entropy import fused_linear_cross_entropy
 from .gated_mlp import gated_act
 from .layer_norm import layer_norm
-from .reference import linear_cross_entropy_ref
 from .rms_norm import rms_norm
 from .rope import apply_rope
 

@@ -29,7 +29,7 @@ def _rows(n=2):
 
 def _module(path, **kw):
     args = dict(reward_funcs=[spread_reward], num_generations=3, max_new_tokens=4, dtype="float32", r=4,
-                gradient_checkpointing=False, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+                gradient_checkpointing=False, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.0))
     args.update(kw)
     m = VisionGRPOModule(str(path), **args)
     m.configure_model()
@@ -127,6 +127,7 @@ def test_mocked_generate_eos_truncation_stop_strings_and_image_tokens(qwen_dir):
         [a, b, eos, eos, eos, eos],  # repeated EOS (pad == eos filling): only the first counts
     ]
     rows = [r + [pad] * (width - len(r)) for r in rows]
+    rows[1] = [a, b] * (width // 2) + [a] * (width % 2)  # no EOS (pad is an EOS id here) anywhere
     _mock_generate(m, rows)
     batch = VisionChatCollator(m.processor, for_generation=True)(_rows(2))
     tiled, comp = m.generate_completions(batch, 3)

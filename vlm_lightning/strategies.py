@@ -315,14 +315,48 @@ def _norm_clipping_fsdp_precision(plugin: Any, strategy: VisionFSDPStrategy) -> 
     class NormClippingFSDPPrecision(FSDPPrecision):
         def clip_grad_by_norm(self, optimizer: Any, clip_val: float) -> None:
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            from torch.distributed.fsdp._common_utils import TrainingState
 
             root = strategy.model
             if not isinstance(root, FSDP):
                 raise RuntimeError("gradient clipping by norm under FSDP before the model was wrapped")
-            root.clip_grad_norm_(clip_val)
+            if root.training_state == TrainingState.IDLE:  # automatic optimisation: after the step's backward
+                root.clip_grad_norm_(clip_val)
+                return
+            # manual optimisation (GRPO) clips inside training_step, i.e. inside the root's forward, where
+            # FSDP's clip_grad_norm_ refuses to run: the same computation over this rank's gradient shards
+            params = [p for g in getattr(optimizer, "_optimizer", optimizer).param_groups for p in g["params"]]
+            clip_sharded_grad_norm_(params, clip_val, strategy.sharding_strategy)
 
     clipping = NormClippingFSDPPrecision(plugin.precision, getattr(plugin, "scaler", None))
     return clipping
+
+
+def clip_sharded_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, sharding_strategy: Any = None,
+                            eps: float = 1e-6) -> torch.Tensor:
+    """Clip gradients whose elements are split over the ranks (FSDP ``use_orig_params``: each rank holds a
+    disjoint shard, or nothing) to a total L2 norm of ``max_norm``; returns the total norm. The squared
+    norms are summed over the ranks (FULL_SHARD, SHARD_GRAD_OP), not for NO_SHARD (every rank holds it all).
+
+    Example:
+        >>> clip_sharded_grad_norm_(model.parameters(), 1.0, ShardingStrategy.FULL_SHARD)
+    """
+    name = getattr(sharding_strategy, "name", str(sharding_strategy or "FULL_SHARD"))
+    if "HYBRID" in name:
+        raise NotImplementedError("clipping inside a step under HYBRID_SHARD: use FULL_SHARD, or clip with "
+                                  "automatic optimisation (Trainer(gradient_clip_val=...))")
+    grads = [p.grad for p in params if p.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    sq = torch.zeros((), device=device, dtype=torch.float32)
+    for g in grads:
+        sq += g.detach().float().pow(2).sum()
+    if name != "NO_SHARD" and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sq)  # every rank joins, also one holding no gradient
+    total = sq.sqrt()
+    coef = (max_norm / (total + eps)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
+    return total
 
 
 def _already_fsdp(model: nn.Module) -> bool:
@@ -581,6 +615,6 @@ def exportable_source(trainer: Any, pl_module: nn.Module, scratch_dir: str | Pat
 
 __all__ = [
     "LayerWrapPolicy", "STRATEGY_NAMES", "VisionDDPStrategy", "VisionFSDPStrategy", "batch_has_images",
-    "check_module_strategy", "clean_parameter_name", "exportable_source", "run_unsharded", "shards_parameters", "gather_full_state_dict", "layer_class_names",
+    "check_module_strategy", "clean_parameter_name", "clip_sharded_grad_norm_", "exportable_source", "run_unsharded", "shards_parameters", "gather_full_state_dict", "layer_class_names",
     "make_strategy", "save_adapter_gathered", "validate_strategy_for_quantization", "vision_parameters_trainable",
 ]

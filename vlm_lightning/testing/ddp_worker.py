@@ -168,7 +168,13 @@ def main(argv: list[str] | None = None) -> None:
 
     from vlm_lightning.strategies import gather_full_state_dict, save_adapter_gathered
 
-    weights = gather_full_state_dict(trainer, module, trainable_only=True, rank0_only=False)
+    try:
+        weights, gather_error = gather_full_state_dict(trainer, module, trainable_only=True, rank0_only=False), None
+    except Exception as err:  # noqa: BLE001 - recorded for the test to report
+        weights, gather_error = {}, f"{type(err).__name__}: {err}"
+        torch.save({"rank": trainer.global_rank, "grad_norms": recorder.grad_norms, "gather_error": gather_error},
+                   out / f"rank{trainer.global_rank}.pt")
+        raise
     result = {
         "rank": trainer.global_rank, "world_size": trainer.world_size, "grad_norms": recorder.grad_norms,
         "had_images": recorder.had_images, "initial": recorder.initial, "weights": weights,
