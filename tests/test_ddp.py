@@ -5,7 +5,7 @@ the vision tower sits out on rank 1, which without ``find_unused_parameters`` ma
 (reliability note 14). ``VisionDDPStrategy`` switches it on because the vision tower trains; the tests
 assert that nothing hangs, that every LoRA parameter has a non-zero gradient on every rank at the last
 step (after the all-reduce, identical on both ranks), and that both ranks end with identical, updated
-weights. Each run takes ~15 s of CPU on 2 cores.
+weights. The SFT run also has (non-reentrant) gradient checkpointing on, the module's default. Each run takes ~15 s of CPU on 2 cores.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def _assert_ddp_invariants(ranks: list[dict]) -> None:
 
 def test_ddp_sft_text_only_rank_trains_vision_lora(tmp_path, tiny_vlm_dir):
     run_worker(tmp_path, tiny_vlm_dir("qwen2_vl"), "--module", "sft", "--strategy", "ddp", "--steps", "3",
-               "--text-only-rank", "1", "--finetune-vision")
+               "--text-only-rank", "1", "--finetune-vision", "--gradient-checkpointing")
     ranks = load_ranks(tmp_path)
     _assert_ddp_invariants(ranks)
     # the token-weighted loss is reduced over ranks: both ranks log their own micro-batch mean

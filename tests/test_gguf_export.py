@@ -274,3 +274,57 @@ def test_mrope_sections_must_sum_to_half_head_dim(tmp_path):
         "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 2, 2]}})
     with pytest.raises(ValueError, match="mrope_section"):
         to_gguf(src, tmp_path / "out", mmproj=False)
+
+
+def build_spm_style_tokenizer(extra_specials: list[str]):
+    """A Llama-2 / Gemma style tokenizer.json (as transformers 5 saves Gemma 3's): BPE with byte fallback,
+    spaces normalised to '▁', no pre-tokenizer, <0xXX> byte tokens in the vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from vlm_lightning.testing.tokenizer import _CORPUS
+
+    plain = Tokenizer(models.BPE(unk_token="<unk>"))
+    plain.normalizer = normalizers.Replace(" ", "\u2581")
+    plain.train_from_iterator([_CORPUS] * 4, trainer=trainers.BpeTrainer(vocab_size=300, min_frequency=2, show_progress=False))
+    trained = json.loads(plain.to_str())["model"]
+    head = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
+    vocab = {tok: i for i, tok in enumerate(head)}
+    for tok, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(tok, len(vocab))
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    bpe.normalizer = normalizers.Replace(" ", "\u2581")
+    bpe.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    bpe.add_special_tokens(["<pad>", "<eos>", "<bos>", "<unk>", *extra_specials])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def gemma3_with_spm_tokenizer(src, dst):
+    """Copy of the tiny Gemma 3 folder with its tokenizer swapped for the SentencePiece-style one."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    old = json.loads((dst / "tokenizer.json").read_text())
+    extra = [a["content"] for a in old["added_tokens"] if a["content"] not in ("<pad>", "<eos>", "<bos>", "<unk>")]
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (dst / name).unlink()
+    tok = build_spm_style_tokenizer(extra)
+    tok.save_pretrained(dst)
+    return dst, tok
+
+
+def test_sentencepiece_style_tokenizer_written_as_llama_spm(tiny_vlm_dir, tmp_path):
+    src, tok = gemma3_with_spm_tokenizer(_tiny(tiny_vlm_dir, "gemma3"), tmp_path / "gemma3_spm")
+    paths = to_gguf(src, tmp_path / "out", quant="f16", mmproj=False)
+    f = _fields(gguf.GGUFReader(paths["model"]))
+    assert f["tokenizer.ggml.model"] == "llama" and f["tokenizer.ggml.pre"] == "default"
+    assert f["tokenizer.ggml.add_space_prefix"] is False  # Gemma: no '▁' prepended
+    tokens, types, scores = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"], f["tokenizer.ggml.scores"]
+    assert tokens[tok.convert_tokens_to_ids("<0x41>")] == "<0x41>" and types[tok.convert_tokens_to_ids("<0x41>")] == gguf.TokenType.BYTE
+    assert types[tok.eos_token_id] == gguf.TokenType.CONTROL and f["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
+    # scores follow the BPE merge order: the token of an earlier merge scores higher
+    merges = json.loads((src / "tokenizer.json").read_text())["model"]["merges"]
+    first, later = ["".join(m.split(" ", 1) if isinstance(m, str) else m) for m in (merges[0], merges[50])]
+    assert scores[tok.convert_tokens_to_ids(first)] > scores[tok.convert_tokens_to_ids(later)]

@@ -240,3 +240,19 @@ def test_chat_completion_with_image_runs_end_to_end(hf, gguf_files, tmp_path):
         llm.close()
     assert out["choices"][0]["finish_reason"] in ("stop", "length")
     assert out["usage"]["prompt_tokens"] > 8  # the image tokens were counted in
+
+
+def test_sentencepiece_style_tokenizer_matches_hf(hf, tmp_path):
+    """Gemma 3's real tokenizer is BPE with byte fallback over '▁' text: llama.cpp's SPM tokenizer, fed our
+    merge-rank scores, must split text exactly as transformers does (bytes, unicode, specials included)."""
+    from test_gguf_export import gemma3_with_spm_tokenizer
+
+    src, tok = gemma3_with_spm_tokenizer(hf("gemma3")[0], tmp_path / "gemma3_spm")
+    paths = to_gguf(src, tmp_path / "out", quant="f32", mmproj=False)
+    llm = llama_cpp.Llama(model_path=str(paths["model"]), n_ctx=128, verbose=False, vocab_only=True)
+    try:
+        for text in ["Hello, World! The total is 1,234.56 dollars.", " leading space and  two",
+                     "wörld ünïcode 🙂 日本", "line\nbreak\ttab", "<start_of_turn>user\nHi<end_of_turn>\n"]:
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text, add_special_tokens=False)["input_ids"], text
+    finally:
+        llm.close()

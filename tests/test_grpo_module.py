@@ -301,3 +301,51 @@ def test_grpo_step_bf16_with_kernels_on_gpu(qwen_dir):
     assert m.last_rollout_metrics["kl"] == m.last_rollout_metrics["kl"]
     changed = [n for n, p in m.model.named_parameters() if not torch.equal(p.cpu(), before[n].cpu())]
     assert changed and all("lora_" in n for n in changed)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_next", "pixtral", "gemma3", "mistral3"])
+def test_rescored_logprobs_equal_the_sampling_logprobs(tiny_vlm_dir, family):
+    # reliability #22: tiled prompts + completions re-scored in one forward (left padding, vision inputs,
+    # token-type ids extended) give the log-probs generate sampled from, for every family
+    from vlm_lightning.modules.grpo_rollout import completion_logprobs, model_inputs, tile_batch
+
+    torch.manual_seed(0)
+    m = _module(tiny_vlm_dir(family), num_generations=2)
+    with torch.no_grad():
+        for n, p in m.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)  # an active adapter: sampling and scoring both see it
+    rows = _rows(2)
+    if family.startswith("qwen"):  # a two-image row next to a one-image row
+        rows[1]["messages"][0]["content"].insert(0, {"type": "image", "image": Image.new("RGB", (56, 84), "red")})
+    tiled = tile_batch(VisionChatCollator(m.processor, for_generation=True)(rows), 2)
+    inputs = model_inputs(tiled)
+    m.model.eval()
+    with torch.no_grad():
+        out = m.model.generate(**inputs, do_sample=True, max_new_tokens=5, return_dict_in_generate=True,
+                               output_logits=True, pad_token_id=m.tokenizer.pad_token_id)
+    ids = out.sequences[:, inputs["input_ids"].shape[1]:]
+    sampled = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    m.model.train()
+    with torch.no_grad():
+        rescored = completion_logprobs(m.model, inputs, ids, torch.ones_like(ids))
+    torch.testing.assert_close(rescored, sampled, atol=1e-4, rtol=1e-4)
+
+
+def test_validation_rewards_and_sample_logging_to_tensorboard(qwen_dir, tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    torch.manual_seed(0)
+    m = _module(qwen_dir, num_generations=2, log_completions=2, log_completions_every_n_steps=1,
+                reward_funcs=[spread_reward, CharF1Reward()])
+    collator = VisionChatCollator(m.processor, for_generation=True)
+    loader = torch.utils.data.DataLoader(_rows(2), batch_size=2, collate_fn=collator)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=TensorBoardLogger(tmp_path), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(m, loader, loader)
+    logged = trainer.callback_metrics
+    for key in ("val/reward", "val/reward/char_f1", "train/reward", "train/reward/char_f1/mean", "train/kl"
+                if m.hparams.beta else "train/loss", "train/completions/truncated_frac"):
+        assert key in logged, (key, sorted(logged))
+    events = list(tmp_path.rglob("events.out.tfevents*"))
+    assert events and max(e.stat().st_size for e in events) > 1000  # scalars + the samples table and images

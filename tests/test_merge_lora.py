@@ -163,3 +163,28 @@ def test_bad_inputs_name_the_problem(tiny_vlm_dir, tmp_path):
         merge_lora(tmp_path / "nope", tmp_path / "x")
     with pytest.raises(ValueError, match="dtype"):
         merge_lora(base, tmp_path / "x", dtype="int8")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_qlora_on_gpu_merges_into_16bit_base(tiny_vlm_dir, tmp_path):
+    """The real QLoRA case: bitsandbytes NF4 on CUDA, bf16 compute; the merge reloads the 16-bit base on CPU
+    and equals the same adapter applied to the 16-bit model."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlm_lightning.models import load_vlm
+
+    base = tiny_vlm_dir("qwen2_5_vl")
+    batch = _inputs(AutoProcessor.from_pretrained(base))
+    model_4bit, _ = load_vlm(str(base), quantization="4bit", dtype="bfloat16", device_map={"": 0})
+    peft_4bit = _lora(model_4bit, seed=5)
+    out = merge_lora(peft_4bit, tmp_path / "merged", dtype="float32")
+    assert json.loads((out / "merge_info.json").read_text())["base_weights"] == "reloaded"
+    peft_16 = _lora(AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32), seed=5)
+    # same adapter values: copy the GPU adapter over (the seeds draw on different devices)
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    set_peft_model_state_dict(peft_16, {k: v.float().cpu() for k, v in get_peft_model_state_dict(peft_4bit).items()})
+    merged = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, peft_16.eval()(**batch).logits, atol=1e-4, rtol=0)

@@ -135,3 +135,28 @@ def test_test_stage_scores(tiny_vlm_dir, tmp_path, demo_paths):
     assert {"test/cer", "test/wer", "test/exact_match"} <= set(out[0])
     assert len(ocr.last_predictions_file.read_text().splitlines()) == 6
     assert ocr.last_predictions_file.parent == tmp_path / "preds"
+
+
+def test_rows_without_datamodule(tiny_vlm_dir, tmp_path, demo_paths):
+    """Validation from a plain DataLoader (teacher-forced batches): the callback scores the rows it was given."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from vlm_lightning.data import VisionChatCollator, normalize_rows
+    from vlm_lightning.modules import VisionSFTModule
+
+    base = str(tiny_vlm_dir("qwen2_vl"))
+    module = VisionSFTModule(base, dtype="float32", r=4, gradient_checkpointing=False)
+    module.configure_model()
+    raw = [json.loads(x) for x in demo_paths["val"].read_text().splitlines()][:3]
+    rows = normalize_rows(raw)
+    loader = DataLoader(rows, batch_size=3, collate_fn=VisionChatCollator(module.processor, base_dir=str(demo_paths["val"].parent)))
+    ocr = OCRMetrics(max_new_tokens=2, rows=rows, batch_size=2, image_base_dir=str(demo_paths["val"].parent),
+                     predictions_dir=str(tmp_path))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[ocr])
+    out = trainer.validate(module, dataloaders=loader)
+    assert {"val/loss", "val/cer", "val/vqa_acc"} <= set(out[0])  # teacher-forced loss and generated scores
+    lines = [json.loads(x) for x in ocr.last_predictions_file.read_text().splitlines()]
+    assert [r["row_index"] for r in lines] == [0, 1, 2]
+    assert [r["reference"] for r in lines] == [r["messages"][-1]["content"][0]["text"] for r in raw]

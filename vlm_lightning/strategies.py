@@ -25,6 +25,10 @@ decisions that depend on the model are taken when the strategy wraps it:
   vision tower, whose gradients are reduce-scattered) and raises a clear error instead of hanging.
   Left in the root unit and frozen, the vision tower needs no collective of its own, and mixed
   text-only / image batches work.
+  Manual optimisation (GRPO) backpropagates inside ``training_step``, i.e. inside the root's forward,
+  where FSDP's own end-of-backward callback never runs; ``backward`` finishes it for every inner unit
+  (``_finish_backward_inside_root_forward``). Calls from outside a step (generation in a callback) go
+  through ``run_unsharded``, which routes them through the root's forward as Lightning does for steps.
 
 ``validate_strategy_for_quantization`` refuses FSDP (and ZeRO-3) with 4-bit weights unless
 ``bnb_4bit_quant_storage`` equals the compute dtype: FSDP flattens a unit into one tensor of one dtype,
@@ -33,7 +37,8 @@ bitsandbytes PR#970). ``check_module_strategy(module)`` runs it from a module's 
 
 ``gather_full_state_dict(trainer, module)`` collects the unsharded weights (FSDP, ZeRO-3) on rank zero,
 with clean names; ``save_adapter_gathered`` writes a PEFT adapter folder from them, which
-``vlm_lightning.export.merge_lora`` and the GGUF export read. Call both on every rank.
+``vlm_lightning.export.merge_lora`` and the GGUF export read. Call both on every rank
+(``exportable_source`` picks the module or the gathered adapter for an export).
 
 Example:
     >>> trainer = L.Trainer(accelerator="gpu", devices=4, strategy=make_strategy("fsdp"), precision="bf16-true")
@@ -240,7 +245,10 @@ class VisionFSDPStrategy(FSDPStrategy):
             if not policy.class_names:
                 raise ValueError("VisionFSDPStrategy: found no decoder layer class to wrap in "
                                  f"{type(_hf_model(model)).__name__}; pass layer_class_names=[...]")
-        self._needs_image_check = self.wrap_vision_blocks or vision_parameters_trainable(model)
+        # a trainable vision tower in the root unit only desynchronises the ranks when nothing else in the
+        # root always gets a gradient (full fine-tuning trains embeddings / lm_head: the root reduces anyway)
+        self._needs_image_check = self.wrap_vision_blocks or (
+            vision_parameters_trainable(model) and not _always_used_root_weights_train(model))
         if self.root_device.type == "cpu" and not _already_fsdp(model):
             return self._setup_model_on_cpu(model)
         return super()._setup_model(model)
@@ -278,6 +286,23 @@ class VisionFSDPStrategy(FSDPStrategy):
     def training_step(self, *args: Any, **kwargs: Any):
         self._check_images(args[0] if args else kwargs.get("batch"))
         return super().training_step(*args, **kwargs)
+
+    def setup(self, trainer) -> None:
+        super().setup(trainer)
+        module = self.lightning_module
+        if module is not None and not module.automatic_optimization and _root_has_trainable(self.model):
+            raise ValueError(
+                "VisionFSDPStrategy with manual optimisation (VisionGRPOModule): trainable weights sit in FSDP's root "
+                "unit (vision tower / projector / embeddings / lm_head). Backward inside training_step would reshard "
+                "them in the middle of the step. Freeze them (finetune_vision_layers=False, finetune_projector=False, "
+                "no modules_to_save) or use VisionDDPStrategy.")
+
+    def backward(self, closure_loss, optimizer, *args: Any, **kwargs: Any):
+        out = super().backward(closure_loss, optimizer, *args, **kwargs)
+        module = self.lightning_module
+        if module is not None and not module.automatic_optimization:
+            _finish_backward_inside_root_forward(self.model)
+        return out
 
     def validation_step(self, *args: Any, **kwargs: Any):
         self._check_images(args[0] if args else kwargs.get("batch"))
@@ -357,6 +382,58 @@ def clip_sharded_grad_norm_(params: Iterable[torch.Tensor], max_norm: float, sha
     for g in grads:
         g.mul_(coef.to(g.dtype))
     return total
+
+
+def _always_used_root_weights_train(model: nn.Module) -> bool:
+    """Whether the token embeddings or the lm_head train (they get a gradient in every step)."""
+    hf = _hf_model(model)
+    spec = _family_spec(hf)
+    parts = [_submodule(hf, spec.embed_tokens), _submodule(hf, spec.lm_head)] if spec is not None else \
+        [hf.get_input_embeddings(), hf.get_output_embeddings()]
+    return any(p.requires_grad for part in parts if part is not None for p in part.parameters())
+
+
+def _root_has_trainable(root: nn.Module) -> bool:
+    handle = getattr(root, "_handle", None)
+    return bool(handle is not None and handle.flat_param.requires_grad)
+
+
+def _finish_backward_inside_root_forward(root: nn.Module) -> None:
+    """What FSDP1's post-backward final callback does, for a backward run *inside* the root's forward
+    (manual optimisation: ``manual_backward`` in ``training_step``, which Lightning runs through the root's
+    forward). FSDP queues that callback from the root's pre-backward hook, which only fires for outputs of
+    a finished root forward, so here it never runs: the gradients would not be waited for (GPU streams),
+    not moved into ``.grad`` (``prepare_gradient_for_optim``), and the units would stay in their backward
+    state (later ``summon_full_params`` / ``state_dict`` refuse). Done for every unit except the root,
+    which is still inside its forward (its parameters must stay gathered; ``setup`` refuses trainable
+    weights in it). Uses FSDP1 internals (torch 2.11-2.14)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp._common_utils import TrainingState
+    from torch.distributed.fsdp._flat_param import HandleTrainingState
+    from torch.distributed.fsdp._runtime_utils import _catch_all_reshard, _finalize_params
+
+    if not isinstance(root, FSDP) or getattr(root, "_post_backward_callback_queued", False):
+        return  # a normal backward: FSDP's own callback runs
+    if root._sync_gradients:
+        current = root._device_handle.current_stream()
+        current.wait_stream(root._post_backward_stream)
+        if root._all_reduce_stream is not current:
+            current.wait_stream(root._all_reduce_stream)
+        if root.cpu_offload.offload_params:
+            current.synchronize()
+    for state in root._all_fsdp_states:
+        if state is root:
+            continue
+        _catch_all_reshard(state)
+        _finalize_params(state)
+        state.training_state = TrainingState.IDLE
+        handle = state._handle
+        if handle:
+            handle._ran_pre_backward_hook = False
+            handle._needs_pre_backward_unshard = False
+            handle._post_forward_index = None
+            handle._training_state = HandleTrainingState.IDLE
+            handle._prefetched = False
 
 
 def _already_fsdp(model: nn.Module) -> bool:

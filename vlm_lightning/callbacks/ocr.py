@@ -135,6 +135,8 @@ class OCRMetrics(Callback):
         log_images: number of (image, prediction, reference) tiles logged to TensorBoard per epoch (0: none).
         on_sanity_check: also score during Lightning's sanity check (off: that pass is only a smoke test).
         rows: normalised rows to score when neither the batches nor the datamodule provide prompts.
+        batch_size: generation batch size for `rows`.
+        image_base_dir: folder that relative image paths in `rows` are relative to.
 
     Example:
         >>> trainer = L.Trainer(callbacks=[OCRMetrics(max_new_tokens=32),
@@ -157,6 +159,8 @@ class OCRMetrics(Callback):
         log_images: int = 8,
         on_sanity_check: bool = False,
         rows: list[dict] | None = None,
+        batch_size: int = 8,
+        image_base_dir: str | None = None,
     ):
         if max_rows is not None and max_rows < 1:
             raise ValueError(f"max_rows={max_rows}: use None (all rows) or a positive number")
@@ -170,6 +174,8 @@ class OCRMetrics(Callback):
         self.log_images = log_images
         self.on_sanity_check = on_sanity_check
         self.rows = rows
+        self.batch_size = batch_size
+        self.image_base_dir = image_base_dir
         self.last_scores: dict[str, dict[str, float]] = {}
         self.last_predictions_file: Path | None = None
         self._scores: _StageScores | None = None
@@ -204,6 +210,10 @@ class OCRMetrics(Callback):
     def _start(self, pl_module) -> None:
         self._scores = _StageScores(pl_module.device)
         self._seen = 0  # rows scored on this rank
+        # the datamodule's rows may change between runs: rebuild the row-index lookups every epoch
+        self._answers_by_index = None
+        self.__dict__.pop("_pos_val", None)
+        self.__dict__.pop("_pos_test", None)
 
     def _rank_budget(self, trainer) -> int | None:
         if self.max_rows is None:
@@ -273,9 +283,9 @@ class OCRMetrics(Callback):
         elif self.rows is not None:
             from ..data import VisionChatCollator
 
-            collate = VisionChatCollator(pl_module.processor, for_generation=True)
-            bs = 4
-            loader = [collate(self.rows[i:i + bs]) for i in range(0, len(self.rows), bs)]
+            collate = VisionChatCollator(pl_module.processor, for_generation=True, base_dir=self.image_base_dir)
+            bs = self.batch_size
+            loader = (collate(self.rows[i:i + bs]) for i in range(0, len(self.rows), bs))
         else:
             raise ValueError(
                 "OCRMetrics found no prompts to score: use VisionChatDataModule (with a val split), "

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .formats import RowFormatError, count_images
+from .formats import RowFormatError
 from .images import DEFAULT_MIN_SIDE, ImageLoadError, load_image
 
 log = logging.getLogger(__name__)

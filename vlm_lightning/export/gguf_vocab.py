@@ -3,7 +3,7 @@
 Two tokenizer models are handled, picked from `tokenizer.json`:
 - byte-level BPE (Qwen, Mistral Tekken, the tiny test tokenizers) -> `tokenizer.ggml.model = "gpt2"`, with
   `tokenizer.ggml.pre` read off the pre-tokenizer regex (llama.cpp re-implements each regex by name);
-- SentencePiece-style BPE with byte fallback (Gemma, Llama 2) -> `"llama"`, through gguf's `LlamaHfVocab`.
+- SentencePiece-style BPE with byte fallback (Gemma, Llama 2) -> `"llama"` (SPM), scores from merge ranks.
 
 The token list is padded with `[PAD{i}]` (type UNUSED) up to the rows of the embedding matrix, because
 llama.cpp requires `len(tokens) == token_embd rows`. Merges, special ids and the chat template come
@@ -12,6 +12,7 @@ from `gguf.SpecialVocab` (it reads `chat_template.jinja`, where transformers 5 s
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import gguf
@@ -75,7 +76,7 @@ def write_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_rows: int, tokenizer
     if model.get("type") != "BPE":
         raise ValueError(f"{tj_path}: tokenizer model {model.get('type')!r} is not supported for GGUF (BPE only)")
     if model.get("byte_fallback"):
-        return _write_llama_hf(writer, Path(model_dir), n_rows)
+        return _write_llama_hf(writer, Path(model_dir), n_rows, tj)
     return _write_gpt2(writer, Path(model_dir), tj, n_rows, tokenizer_pre or detect_pre_tokenizer(tj))
 
 
@@ -111,25 +112,65 @@ def _write_gpt2(writer, model_dir: Path, tj: dict, n_rows: int, pre: str) -> dic
             "chat_template": bool(special.chat_template)}
 
 
-def _write_llama_hf(writer, model_dir: Path, n_rows: int) -> dict:
-    vocab = gguf.LlamaHfVocab(model_dir)
+def _write_llama_hf(writer, model_dir: Path, n_rows: int, tj: dict) -> dict:
+    """SentencePiece-style BPE (byte fallback, '▁' for spaces) -> llama.cpp's SPM tokenizer ("llama").
+
+    llama.cpp's SPM tokenizer merges the adjacent pair whose joined text has the highest score; scoring
+    each token by minus the rank of the BPE merge that creates it reproduces the BPE merge order (gguf's
+    LlamaHfVocab gives every token the same score -1000, which loses the merge order).
+    """
+    model = tj["model"]
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {a["id"]: a for a in tj.get("added_tokens", [])}
+    for i, a in added.items():
+        vocab[a["content"]] = i
+    if max(vocab.values()) >= n_rows:
+        raise ValueError(f"tokenizer has id {max(vocab.values())} but the embedding has only {n_rows} rows")
+    rank: dict[str, int] = {}
+    for r, m in enumerate(model.get("merges", [])):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        rank.setdefault(a + b, r)
+    unk = model.get("unk_token")
+    reverse = {i: t for t, i in vocab.items()}
     tokens, scores, types = [], [], []
-    for text, score, toktype in vocab.all_tokens():
-        tokens.append(text)
-        scores.append(score)
-        types.append(toktype)
-    if len(tokens) > n_rows:
-        raise ValueError(f"tokenizer has {len(tokens)} tokens but the embedding has only {n_rows} rows")
-    for i in range(len(tokens), n_rows):
-        tokens.append(f"[PAD{i}]".encode())
-        scores.append(-1000.0)
-        types.append(gguf.TokenType.UNUSED)
+    for i in range(n_rows):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            scores.append(-1000.0)
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tok = reverse[i]
+        if i in added:
+            special = added[i].get("special") or _looks_special(tok)
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+            tok = tok if special else tok.replace("\u2581", " ")
+            scores.append(-1000.0)
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", tok):
+            types.append(gguf.TokenType.BYTE)
+            scores.append(0.0)
+        elif tok == unk:
+            types.append(gguf.TokenType.UNKNOWN)
+            scores.append(0.0)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+            scores.append(-float(rank[tok] + 1) if tok in rank else 0.0)
+        tokens.append(tok)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
+    writer.add_add_space_prefix(_prepends_space(tj.get("normalizer")))
     special = gguf.SpecialVocab(model_dir, n_vocab=len(tokens))
     special.add_to_gguf(writer, quiet=True)
     return {"model": "llama", "pre": "default", "n_tokens": len(tokens), "special_ids": dict(special.special_token_ids),
             "chat_template": bool(special.chat_template)}
+
+
+def _prepends_space(normalizer: dict | None) -> bool:
+    """Whether the tokenizer puts '▁' before the text (Llama 2 yes, Gemma no)."""
+    if not normalizer:
+        return False
+    if normalizer.get("type") == "Sequence":
+        return any(_prepends_space(n) for n in normalizer.get("normalizers", []))
+    return normalizer.get("type") == "Prepend" and normalizer.get("prepend") == "\u2581"

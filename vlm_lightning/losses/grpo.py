@@ -20,6 +20,7 @@ Nothing here knows about models or Lightning, so every line is unit-tested with 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -189,7 +190,7 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
 # ----------------------------------------------------------------------------------------------------------
 # Masks
 # ----------------------------------------------------------------------------------------------------------
-def completion_mask_from_ids(completion_ids: torch.Tensor, eos_token_ids: int | list[int] | tuple[int, ...] | torch.Tensor
+def completion_mask_from_ids(completion_ids: torch.Tensor, eos_token_ids: int | Sequence[int] | torch.Tensor,
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask of each completion up to and including its first EOS, and whether it was truncated.
 

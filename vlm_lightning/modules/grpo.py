@@ -13,6 +13,8 @@ One training step = one batch of B prompts (with their images) from a prompt-onl
   4. ``num_iterations`` optimiser steps over the rollout; each is split into micro-batches of whole
      tiles whose gradients accumulate; old log-probs are kept when ``num_iterations > 1``.
 
+``Trainer(max_steps=...)`` counts optimiser steps, i.e. ``num_iterations`` per prompt batch.
+
 The loss math lives in ``vlm_lightning.losses.grpo`` (pure, hand-tested); the rollout pieces in
 ``vlm_lightning.modules.grpo_rollout``. Deliberately left out: vLLM / a separate inference engine,
 reward models as ``nn.Module``, multi-turn environments, and TRL's cispo/sapo/luspo/vespo losses.
@@ -236,8 +238,9 @@ class VisionGRPOModule(VisionSFTModule):
             raise ValueError("VisionGRPOModule needs prompt-only batches (left padded, with 'references'): "
                              "use VisionChatDataModule(train_for_generation=True) or a VisionChatCollator("
                              "for_generation=True)")
-        if self.tokenizer.padding_side != "left" and (batch["attention_mask"][:, -1] == 0).any():
-            raise ValueError("prompts must be left padded for batched generation (reliability #7)")
+        if (batch["attention_mask"][:, -1] == 0).any():
+            raise ValueError("prompts must be left padded for batched generation: a right-padded prompt "
+                             "continues from its padding (use VisionChatCollator(for_generation=True))")
 
     def generate_completions(self, prompt_batch: dict, num_generations: int, greedy: bool = False,
                              max_new_tokens: int | None = None) -> tuple[dict, Completions]:

@@ -111,13 +111,15 @@ def build_module(args):
     if args.module == "sft":
         from vlm_lightning.modules.sft import VisionSFTModule
 
-        return VisionSFTModule(args.model, dtype="float32", r=4, lora_alpha=8, gradient_checkpointing=False,
+        return VisionSFTModule(args.model, dtype="float32", r=4, lora_alpha=8,
+                               gradient_checkpointing=args.gradient_checkpointing,
                                finetune_vision_layers=args.finetune_vision,
                                optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))
     from vlm_lightning.modules.grpo import VisionGRPOModule
 
     return VisionGRPOModule(args.model, reward_funcs=[reward_digits], dtype="float32", r=4, lora_alpha=8,
-                            finetune_vision_layers=args.finetune_vision, gradient_checkpointing=False,
+                            finetune_vision_layers=args.finetune_vision,
+                            gradient_checkpointing=args.gradient_checkpointing,
                             num_generations=4, max_new_tokens=6, temperature=1.0, loss_type="dapo", beta=0.0,
                             log_completions=0, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))
 
@@ -145,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--text-only-rank", type=int, default=1, help="-1: every rank gets images")
     p.add_argument("--finetune-vision", action="store_true", help="LoRA on the vision tower too")
     p.add_argument("--wrap-vision-blocks", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="non-reentrant activation checkpointing")
     p.add_argument("--sharding-strategy", default="FULL_SHARD")
     p.add_argument("--save-adapter", action="store_true", help="save_adapter_gathered to <out>/adapter")
     p.add_argument("--save-checkpoint", action="store_true", help="trainer.save_checkpoint(<out>/last.ckpt)")
