@@ -156,7 +156,9 @@ def run_ours_arm(arm: str, args) -> dict:
                              r=16, lora_alpha=16, finetune_language_layers=True,
                              finetune_vision_layers=False, finetune_attention_modules=True,
                              finetune_mlp_modules=True, gradient_checkpointing=True,
-                             use_kernels=args.kernels)
+                             use_kernels=args.kernels,
+                             # same optimizer as the HF arms, so the loss curves are comparable
+                             optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4))
     config = common.build_config(tiny=args.tiny)
     batch = common.synthetic_vlm_batch(config, args.batch, args.seq_len, image_side=args.image_side, seed=0)
 
@@ -171,6 +173,7 @@ def run_ours_arm(arm: str, args) -> dict:
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[timer])
     t_fit = time.perf_counter()
+    torch.manual_seed(1)  # as the HF arms seed just before LoRA init
     trainer.fit(module, torch.utils.data.DataLoader(Repeat(), batch_size=None))
     n_lm, n_lora, n_vis = lora_param_counts(module.model)
     out = summarize(arm, args, config, batch, timer.times, timer.losses, n_lm, n_lora, n_vis)

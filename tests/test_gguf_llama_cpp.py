@@ -256,3 +256,36 @@ def test_sentencepiece_style_tokenizer_matches_hf(hf, tmp_path):
             assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text, add_special_tokens=False)["input_ids"], text
     finally:
         llm.close()
+
+
+@pytest.mark.parametrize("pre", ["qwen2", "tekken", "llama-bpe"])
+def test_real_pretokenizer_regexes_match_hf(hf, tmp_path, pre):
+    """The real Qwen2 / Mistral Tekken / Llama 3 tokenizers split text with a regex before byte-level BPE;
+    llama.cpp re-implements each by name. With that regex in the tokenizer.json, the export names the
+    pre-tokenizer and llama.cpp's split equals transformers' on tricky text (digits, case, newlines)."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from vlm_lightning.export.gguf_vocab import PRE_TOKENIZER_REGEXES
+
+    src = tmp_path / "model"
+    shutil.copytree(hf("qwen2_vl")[0], src)
+    tj = json.loads((src / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": PRE_TOKENIZER_REGEXES[pre]}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
+    (src / "tokenizer.json").write_text(json.dumps(tj))
+    tok = AutoTokenizer.from_pretrained(src)
+    paths = to_gguf(src, tmp_path / "out", quant="f32", mmproj=False)
+    import gguf
+
+    assert gguf.GGUFReader(paths["model"]).fields["tokenizer.ggml.pre"].contents() == pre
+    llm = llama_cpp.Llama(model_path=str(paths["model"]), n_ctx=128, verbose=False, vocab_only=True)
+    try:
+        for text in ["The total is 1234567.89 USD", "HelloWorld CamelCase iPhone X", "line one\n\n  indented\r\nwin",
+                     "don't You'LL we've", "<|im_start|>user\nhi<|im_end|>\n", "ünïcode 日本語 🙂"]:
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text, add_special_tokens=False)["input_ids"], text
+    finally:
+        llm.close()

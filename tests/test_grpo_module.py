@@ -102,6 +102,7 @@ def test_kl_is_zero_at_first_step_from_a_warm_start_adapter(qwen_dir, tmp_path):
 
 def _mock_generate(module, completions):
     """Replace ``generate`` by one that appends fixed completions (N, C) to the prompts."""
+    module.hparams.rollout_backend = "hf"  # the fast path has its own loop; these cases test the masks
     def fake_generate(input_ids=None, **kw):
         n = input_ids.shape[0]
         comp = torch.tensor(completions, dtype=torch.long)

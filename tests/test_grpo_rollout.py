@@ -130,6 +130,9 @@ def lora_qwen(tiny_vlm_dir):
     cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,  # B != 0: the adapter changes the logits
                      target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$")
     peft_model = get_peft_model(model, cfg)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:  # large enough to change the logits clearly
+            param.data.normal_(0, 0.3)
     return peft_model, processor, inputs
 
 

@@ -116,7 +116,7 @@ def merged_lora(model: nn.Module) -> Iterator[int]:
                         continue
                     weight = mod.get_base_layer().weight
                     orig = weight.data
-                    merged = orig.float()
+                    merged = orig.to(torch.float32, copy=True)  # never in place: orig is put back
                     for a in mod.active_adapters:
                         if a in mod.lora_A:
                             merged += mod.get_delta_weight(a).float()

@@ -61,7 +61,7 @@ class GGUFExport(Callback):
         if self.at_fit_end and not getattr(trainer, "fast_dev_run", False):
             self.export(trainer, pl_module)
 
-    def _merged_folder(self, trainer, pl_module) -> Path:
+    def _existing_merge(self, trainer) -> Path | None:
         if self.merged_dir is not None:
             return self.merged_dir
         from .merge import MergeLoRA
@@ -69,18 +69,25 @@ class GGUFExport(Callback):
         for cb in trainer.callbacks:
             if isinstance(cb, MergeLoRA) and cb.last_path is not None and Path(cb.last_path).is_dir():
                 return Path(cb.last_path)
-        from ..export.merge import merge_lora
-
-        return merge_lora(pl_module, self.out_dir / "merged", dtype=self.dtype)
+        return None
 
     def export(self, trainer, pl_module) -> dict[str, dict[str, Path]]:
         """Export now; returns {quant: {"model": path, "mmproj": path}} on rank zero ({} elsewhere)."""
         from ..export.gguf import to_gguf
+        from ..export.merge import merge_lora
+        from ..strategies import exportable_source
 
+        merged = self._existing_merge(trainer) if trainer.is_global_zero else None
+        has_merge = bool(trainer.strategy.broadcast(merged is not None, src=0))
+        # collective under FSDP / ZeRO-3: every rank helps gather the adapter when a merge is needed
+        source = None if has_merge else exportable_source(trainer, pl_module, self.out_dir / "adapter_gathered")
         error: BaseException | None = None
         if trainer.is_global_zero:
             try:
-                merged = self._merged_folder(trainer, pl_module)
+                if merged is None:
+                    merged = merge_lora(source, self.out_dir / "merged", dtype=self.dtype,
+                                        processor=getattr(pl_module, "processor", None),
+                                        base_name_or_path=_module_base(pl_module))
                 for i, q in enumerate(self.quants):
                     self.written[q] = to_gguf(merged, self.out_dir, quant=q, name=self.name, mmproj=i == 0,
                                               mmproj_quant=self.mmproj_quant)
@@ -101,3 +108,9 @@ class GGUFExport(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.written = {q: {k: Path(v) for k, v in d.items()} for q, d in state_dict.get("written", {}).items()}
+
+
+def _module_base(pl_module) -> str | None:
+    from .merge import _module_base as base
+
+    return base(pl_module)

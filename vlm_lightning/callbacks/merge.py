@@ -57,18 +57,26 @@ class MergeLoRA(Callback):
     def merge(self, trainer, pl_module) -> Path | None:
         """Merge now; returns the folder on rank zero, None elsewhere."""
         from ..export.merge import merge_lora
+        from ..strategies import exportable_source, save_adapter_gathered, shards_parameters
 
         path = None
         error: BaseException | None = None
+        # collective under FSDP / ZeRO-3 (gathers the LoRA weights into an adapter folder); the module itself
+        # for one device / DDP
+        if self.adapter_dir is not None and shards_parameters(trainer):
+            source = save_adapter_gathered(trainer, pl_module, self.adapter_dir)
+        else:
+            source = exportable_source(trainer, pl_module, self.out_dir.parent / f"{self.out_dir.name}_adapter_gathered")
         if trainer.is_global_zero:
             try:
-                if self.adapter_dir is not None:
+                if self.adapter_dir is not None and source is pl_module:
                     pl_module.model.save_pretrained(self.adapter_dir)
                     proc = getattr(pl_module, "processor", None)
                     if proc is not None:
                         proc.save_pretrained(self.adapter_dir)
                 path = merge_lora(
-                    pl_module, self.out_dir, base_name_or_path=self.base_name_or_path or _module_base(pl_module),
+                    source, self.out_dir, base_name_or_path=self.base_name_or_path or _module_base(pl_module),
+                    processor=getattr(pl_module, "processor", None),
                     max_shard_size=self.max_shard_size, dtype=self.dtype,
                     push_to_hub=self.push_to_hub, private=self.private,
                 )

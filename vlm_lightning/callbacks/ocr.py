@@ -221,17 +221,28 @@ class OCRMetrics(Callback):
         ws, rank = trainer.world_size, trainer.global_rank
         return self.max_rows // ws + (1 if rank < self.max_rows % ws else 0)
 
-    def _score_batch(self, trainer, pl_module, batch: dict, stage: str) -> None:
+    def _score_batch(self, trainer, pl_module, batch: dict, stage: str, keep: bool = True) -> None:
+        from ..strategies import run_unsharded, shards_parameters
+
         if self._scores is None:
             self._start(pl_module)
         budget = self._rank_budget(trainer)
-        if budget is not None and self._seen >= budget:
+        sharded = shards_parameters(trainer)
+        left = len(batch["references"]) if budget is None else max(budget - self._seen, 0)
+        if not keep or left == 0:
+            if not sharded:
+                return
+            # FSDP / ZeRO-3: generate all-gathers layers, so every rank must make the same calls;
+            # generate and drop the rows instead of skipping
+            run_unsharded(trainer, pl_module, "generate", batch, max_new_tokens=self.max_new_tokens,
+                          do_sample=self.do_sample, **self.generate_kwargs)
             return
-        preds = pl_module.generate(batch, max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, **self.generate_kwargs)
+        preds = run_unsharded(trainer, pl_module, "generate", batch, max_new_tokens=self.max_new_tokens,
+                              do_sample=self.do_sample, **self.generate_kwargs)
         refs = list(batch["references"])
         idx = [int(i) for i in batch.get("row_index", range(self._seen, self._seen + len(refs)))]
         images = batch.get("images") or [None] * len(refs)
-        n = len(refs) if budget is None else min(len(refs), budget - self._seen)
+        n = min(len(refs), left)
         preds, refs, idx, images = preds[:n], refs[:n], idx[:n], images[:n]
         self._seen += n
         p = [self.normalizer(x) for x in preds]
@@ -291,19 +302,30 @@ class OCRMetrics(Callback):
                 "OCRMetrics found no prompts to score: use VisionChatDataModule (with a val split), "
                 "eval_for_generation=True batches, or pass rows= to OCRMetrics")
         ws, rank = trainer.world_size, trainer.global_rank
+        mine, last = 0, None
         for b, batch in enumerate(loader):
             if b % ws == rank and batch is not None:
-                yield batch
+                mine, last = mine + 1, batch
+                yield batch, True
+        from ..strategies import shards_parameters
+
+        if ws > 1 and shards_parameters(trainer) and last is not None:
+            # equal generate calls on every rank (FSDP collectives): repeat the last batch, results dropped
+            n_batches = b + 1
+            for _ in range((n_batches + ws - 1) // ws - mine):
+                yield last, False
 
     def _finish(self, trainer, pl_module, stage: str) -> None:
         if self._scores is None:
             self._start(pl_module)
         if self._seen == 0:  # batches carried no prompts: generate from the datamodule's prompt-only loader
-            budget = self._rank_budget(trainer)
-            for batch in self._generation_batches(trainer, pl_module, stage):
-                if budget is not None and self._seen >= budget:
+            from ..strategies import shards_parameters
+
+            budget, sharded = self._rank_budget(trainer), shards_parameters(trainer)
+            for batch, keep in self._generation_batches(trainer, pl_module, stage):
+                if budget is not None and self._seen >= budget and not sharded:
                     break
-                self._score_batch(trainer, pl_module, batch, stage)
+                self._score_batch(trainer, pl_module, batch, stage, keep=keep)
         s = self._scores
         n_total = int(trainer.strategy.reduce(torch.tensor(float(self._seen), device=pl_module.device), reduce_op="sum"))
         if n_total == 0:

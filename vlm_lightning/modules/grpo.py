@@ -92,6 +92,8 @@ class VisionGRPOModule(VisionSFTModule):
             adapter, not the bare base (trl#3194).
         num_generations: G, completions per prompt (>= 2).
         max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, stop_strings: sampling.
+        rollout_backend: "auto" samples with ``vlm_lightning.rollout.fast_generate`` where the text decoder is
+            supported (else HF ``generate``), "fast" requires it, "hf" always uses ``model.generate``.
         loss_type, importance_sampling_level, scale_rewards, epsilon, epsilon_high, delta, beta:
             see ``vlm_lightning.losses.GRPOLossConfig`` (validated at construction).
         mask_truncated_completions: drop completions without EOS from the loss (DAPO overlong filter).
@@ -122,6 +124,7 @@ class VisionGRPOModule(VisionSFTModule):
         min_p: float | None = None,
         repetition_penalty: float | None = None,
         stop_strings: list[str] | None = None,
+        rollout_backend: Literal["auto", "fast", "hf"] = "auto",
         loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo",
         importance_sampling_level: Literal["token", "sequence", "sequence_token"] = "token",
         scale_rewards: Literal["group", "batch", "none"] = "group",
@@ -175,6 +178,7 @@ class VisionGRPOModule(VisionSFTModule):
         self.reward_weights = list(reward_weights) if reward_weights is not None else [1.0] * len(reward_funcs)
         self.last_samples: list[dict[str, Any]] = []
         self.last_rollout_metrics: dict[str, float] = {}
+        self.last_rollout_stats: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -259,7 +263,9 @@ class VisionGRPOModule(VisionSFTModule):
             gen_kwargs = dict(max_new_tokens=max_new_tokens or hp.max_new_tokens, eos_token_ids=eos,
                               pad_token_id=pad, suppress_token_ids=forbidden, stop_strings=hp.stop_strings,
                               tokenizer=tok)
-            if greedy:
+            if hp.rollout_backend != "hf":
+                ids = self._fast_rollout(prompt_batch, num_generations, greedy, gen_kwargs)
+            elif greedy:
                 ids = self._greedy(inputs, **gen_kwargs)
             else:
                 ids = sample_completions(self.model, inputs, temperature=hp.temperature, top_p=hp.top_p,
@@ -269,6 +275,25 @@ class VisionGRPOModule(VisionSFTModule):
             self.model.train(was_training)
         comp = postprocess_completions(ids, tok, eos, pad, hp.stop_strings, forbidden)
         return tiled, comp
+
+    @torch.no_grad()
+    def _fast_rollout(self, prompt_batch: dict, num_generations: int, greedy: bool, gen_kwargs: dict) -> torch.Tensor:
+        """``vlm_lightning.rollout.fast_generate`` (LoRA merged while sampling, prefix shared by the G samples,
+        static cache + CUDA graph on GPU; HF ``generate`` where unsupported). Same tile order."""
+        from vlm_lightning.rollout import fast_generate
+
+        hp = self.hparams
+        out = fast_generate(self.model, model_inputs(prompt_batch), num_generations=num_generations,
+                            max_new_tokens=gen_kwargs["max_new_tokens"], temperature=0.0 if greedy else hp.temperature,
+                            top_p=hp.top_p, eos_token_ids=gen_kwargs["eos_token_ids"],
+                            pad_token_id=gen_kwargs["pad_token_id"], stop_strings=hp.stop_strings,
+                            tokenizer=self.tokenizer, top_k=hp.top_k,
+                            suppress_token_ids=gen_kwargs["suppress_token_ids"],
+                            min_p=None if greedy else hp.min_p,
+                            repetition_penalty=None if greedy else hp.repetition_penalty,
+                            backend=hp.rollout_backend)
+        self.last_rollout_stats = {"backend": out.backend, **out.stats}
+        return out.completion_ids
 
     @torch.no_grad()
     def _greedy(self, inputs, max_new_tokens, eos_token_ids, pad_token_id, suppress_token_ids, stop_strings,
