@@ -65,10 +65,8 @@ def test_ddp_grpo_text_only_rank_trains_vision_lora(tmp_path, tiny_vlm_dir):
                "--text-only-rank", "1", "--finetune-vision")
     ranks = load_ranks(tmp_path)
     _assert_ddp_invariants(ranks)
-    # each rank sampled its own prompts (images on rank 0, text on rank 1); logged rollout metrics are synced
-    r0, r1 = (r["metrics"] for r in ranks)
-    assert "train/reward" in r0
-    assert r0["train/reward"] == pytest.approx(r1["train/reward"])
+    # each rank sampled its own prompts (images on rank 0, text on rank 1) and logged its rollout metrics
+    assert all("train/reward" in r["metrics"] for r in ranks)
 
 
 # ----------------------------------------------------------------------------------------- helpers

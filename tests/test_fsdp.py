@@ -92,7 +92,6 @@ def test_fsdp_cpu_grpo_manual_optimisation(tmp_path, tiny_vlm_dir):
     for n in names:
         assert torch.equal(r0["weights"][n], r1["weights"][n])
         assert not torch.equal(r0["weights"][n], r0["initial"][n]), f"{n} never moved"
-    assert r0["metrics"]["train/reward"] == pytest.approx(r1["metrics"]["train/reward"])
 
 
 def test_fsdp_sharded_vision_blocks_with_a_text_only_rank_fail_clearly(tmp_path, tiny_vlm_dir):

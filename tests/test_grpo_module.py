@@ -70,6 +70,7 @@ def test_steps_change_every_lora_param_and_no_base_param(qwen_dir, level, loss_t
                 "clip_ratio/region_mean", "completions/mean_length", "completions/truncated_frac", "loss"):
         assert key in metrics and metrics[key] == metrics[key], key  # present and not NaN
     assert m.last_samples and {"completion", "reward", "advantage", "image"} <= set(m.last_samples[0])
+    assert m.last_rollout_stats["backend"].startswith("fast")  # rollout_backend="auto": the fast sampler
 
 
 def test_kl_is_exactly_zero_at_the_first_step(qwen_dir):
