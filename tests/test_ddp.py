@@ -5,7 +5,8 @@ the vision tower sits out on rank 1, which without ``find_unused_parameters`` ma
 (reliability note 14). ``VisionDDPStrategy`` switches it on because the vision tower trains; the tests
 assert that nothing hangs, that every LoRA parameter has a non-zero gradient on every rank at the last
 step (after the all-reduce, identical on both ranks), and that both ranks end with identical, updated
-weights. The SFT run also has (non-reentrant) gradient checkpointing on, the module's default. Each run takes ~15 s of CPU on 2 cores.
+weights. The SFT run also has (non-reentrant) gradient checkpointing on, the module's default.
+Each run takes ~15 s of CPU on 2 cores.
 """
 from __future__ import annotations
 

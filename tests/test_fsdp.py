@@ -111,3 +111,17 @@ def test_fsdp_one_gpu_smoke(tmp_path):
     assert "FSDP smoke OK" in proc.stdout
     for arm in ("fsdp", "fsdp_qlora"):
         assert (tmp_path / arm / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_clip_sharded_grad_norm_without_a_process_group():
+    from vlm_lightning.strategies import clip_sharded_grad_norm_
+
+    a, b, c = (torch.zeros(1, requires_grad=True) for _ in range(3))
+    a.grad, b.grad = torch.tensor([3.0]), torch.tensor([4.0])  # c has no gradient (an empty shard)
+    total = clip_sharded_grad_norm_([a, b, c], max_norm=1.0)
+    assert float(total) == pytest.approx(5.0)
+    assert a.grad.item() == pytest.approx(0.6, rel=1e-5) and b.grad.item() == pytest.approx(0.8, rel=1e-5)
+    total = clip_sharded_grad_norm_([a, b], max_norm=10.0)  # under the limit: unchanged
+    assert a.grad.item() == pytest.approx(0.6, rel=1e-5)
+    with pytest.raises(NotImplementedError, match="HYBRID_SHARD"):
+        clip_sharded_grad_norm_([a], 1.0, "HYBRID_SHARD")

@@ -568,13 +568,21 @@ def _fast_generate(hf, inputs, g, max_new_tokens, temperature, top_p, top_k, eos
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     all_logits: list[torch.Tensor] = []
     run = None
+    graph_error = None
     t1 = time.perf_counter()
     logits = logits0
     steps = 0
     for t in range(max_new_tokens):
         if t > 0:
             if run is None:
-                run = _GraphedStep(step) if graphed else step
+                run = step
+                if graphed:
+                    try:
+                        run = _GraphedStep(step)
+                    except Exception as exc:  # noqa: BLE001 - a capture failure costs speed, not correctness
+                        log.warning("fast_generate: CUDA graph capture failed (%s); decoding eagerly", exc)
+                        torch.cuda.synchronize()
+                        graph_error, graphed = repr(exc)[:300], False
             run()
             logits = step.logits
             step.idx.add_(1)
@@ -597,7 +605,7 @@ def _fast_generate(hf, inputs, g, max_new_tokens, temperature, top_p, top_k, eos
     ids, cmask, truncated = completion_masks(tokens[:, :steps], eos, pad, stop_strings, tokenizer)
     logits_out = torch.stack(all_logits, 1)[:, : ids.shape[1]] if return_logits else None
     stats = {"prefill_s": t_prefill, "decode_s": t_decode, "steps": steps, "new_tokens": int(cmask.sum()),
-             "rows": n, "prompt_len": p}
+             "rows": n, "prompt_len": p, "graph_error": graph_error}
     return RolloutOutput(prompt_ids=prompt_ids.repeat(g, 1), prompt_mask=prompt_mask.repeat(g, 1),
                          completion_ids=ids, completion_mask=cmask, truncated=truncated, logits=logits_out,
                          backend="fast+cuda_graph" if graphed else "fast", stats=stats)

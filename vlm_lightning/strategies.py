@@ -290,6 +290,13 @@ class VisionFSDPStrategy(FSDPStrategy):
     def setup(self, trainer) -> None:
         super().setup(trainer)
         module = self.lightning_module
+        backend = getattr(getattr(module, "hparams", None), "get", lambda *_: None)("rollout_backend")
+        if backend == "fast":
+            raise ValueError("VisionGRPOModule(rollout_backend='fast') reads (and merges LoRA into) the weights outside "
+                             "FSDP's forward, where they are sharded: use rollout_backend='hf' (or 'auto') with FSDP.")
+        if backend == "auto":  # "where supported": the fast path is not, with sharded weights
+            module.hparams.rollout_backend = "hf"
+            log.info("VisionFSDPStrategy: GRPO rollouts use HF generate (the fast path needs unsharded weights)")
         if module is not None and not module.automatic_optimization and _root_has_trainable(self.model):
             raise ValueError(
                 "VisionFSDPStrategy with manual optimisation (VisionGRPOModule): trainable weights sit in FSDP's root "
@@ -692,6 +699,7 @@ def exportable_source(trainer: Any, pl_module: nn.Module, scratch_dir: str | Pat
 
 __all__ = [
     "LayerWrapPolicy", "STRATEGY_NAMES", "VisionDDPStrategy", "VisionFSDPStrategy", "batch_has_images",
-    "check_module_strategy", "clean_parameter_name", "clip_sharded_grad_norm_", "exportable_source", "run_unsharded", "shards_parameters", "gather_full_state_dict", "layer_class_names",
-    "make_strategy", "save_adapter_gathered", "validate_strategy_for_quantization", "vision_parameters_trainable",
+    "check_module_strategy", "clean_parameter_name", "clip_sharded_grad_norm_", "exportable_source",
+    "gather_full_state_dict", "layer_class_names", "make_strategy", "run_unsharded", "save_adapter_gathered",
+    "shards_parameters", "validate_strategy_for_quantization", "vision_parameters_trainable",
 ]

@@ -1,0 +1,84 @@
+"""``vlm-lightning``: the command line. ``fit|validate|test|predict`` are LightningCLI; other commands
+(``export``) dispatch to their own parsers through ``EXTRA_COMMANDS``.
+
+    vlm-lightning fit --config recipes/demo/ocr_cpu.yaml
+    vlm-lightning fit --config recipes/qwen2_5_vl/qlora_sft.yaml --trainer.max_steps 100
+    vlm-lightning fit --config recipes/demo/ocr_cpu.yaml --print_config > my.yaml   # round-trips
+
+The model path is written once, at ``model.init_args.model_name_or_path``; it is linked to
+``data.model_name_or_path`` so the data module builds the matching processor. Before anything is
+instantiated the CLI prepares what a recipe asks for: ``demo_data`` (the synthetic OCR set, written once)
+and ``tiny:<name>[@<dir>]`` model paths (a tiny model built once, see ``vlm_lightning.models.loading``).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+from vlm_lightning.data import VisionChatDataModule
+
+# name -> "module:function(argv) -> exit code"; commands that are not LightningCLI subcommands
+EXTRA_COMMANDS = {"export": "vlm_lightning.export.cli:export_main"}
+
+
+@dataclass
+class DemoOCRData:
+    """The bundled synthetic OCR set (``vlm_lightning.data.demo.make_demo_ocr_dataset``), written on first use
+    into ``root`` as ``train.jsonl`` / ``val.jsonl`` (validation strings never appear in training)."""
+
+    root: str = "runs/demo/data"
+    n_train: int = 2000
+    n_val: int = 64
+    seed: int = 0
+
+
+class VLMLightningCLI(LightningCLI):
+    """LightningCLI with the model path linked to the data module and recipe preparation steps."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.init_args.model_name_or_path", "data.model_name_or_path")
+        parser.add_argument("--demo_data", type=DemoOCRData | None, default=None,
+                            help="write the bundled synthetic OCR set before training (see DemoOCRData)")
+
+    def before_instantiate_classes(self) -> None:
+        from vlm_lightning.models.loading import resolve_model_path
+
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        demo = config.get("demo_data")
+        if demo is not None:
+            from vlm_lightning.data.demo import make_demo_ocr_dataset
+
+            make_demo_ocr_dataset(demo.root, n_train=demo.n_train, n_val=demo.n_val, seed=demo.seed)
+        path = config.model.init_args.get("model_name_or_path")
+        if path is not None:
+            resolved = resolve_model_path(path)  # tiny:<name> -> a built directory; anything else unchanged
+            config.model.init_args.model_name_or_path = resolved
+            config.data.model_name_or_path = resolved
+
+
+def cli_main(args=None, run: bool = True) -> VLMLightningCLI:
+    """Build the LightningCLI (any LightningModule via ``model.class_path``; the data is VisionChatDataModule).
+
+    Example:
+        >>> cli = cli_main(["fit", "--config", "recipes/demo/ocr_cpu.yaml", "--trainer.max_steps", "5"])
+    """
+    return VLMLightningCLI(LightningModule, VisionChatDataModule, subclass_mode_model=True, args=args, run=run,
+                           save_config_kwargs={"overwrite": True})
+
+
+def main(argv: list[str] | None = None) -> int | None:
+    """Console entry point ``vlm-lightning``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        module, func = EXTRA_COMMANDS[argv[0]].split(":")
+        return getattr(importlib.import_module(module), func)(argv[1:])
+    cli_main(argv)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
