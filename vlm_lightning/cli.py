@@ -72,11 +72,11 @@ def cli_main(args=None, run: bool = True) -> VLMLightningCLI:
 
 def main(argv: list[str] | None = None) -> int | None:
     """Console entry point ``vlm-lightning``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in EXTRA_COMMANDS:
-        module, func = EXTRA_COMMANDS[argv[0]].split(":")
-        return getattr(importlib.import_module(module), func)(argv[1:])
-    cli_main(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in EXTRA_COMMANDS:
+        module, func = EXTRA_COMMANDS[args[0]].split(":")
+        return getattr(importlib.import_module(module), func)(args[1:])
+    cli_main(argv)  # None: LightningCLI reads sys.argv itself
     return 0
 
 
