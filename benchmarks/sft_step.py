@@ -13,8 +13,21 @@ MFU formula (per optimizer step):
             + 2 * N_vision * patches (frozen vision tower, forward only)
     MFU = FLOPs / step_time / 989e12 (H200 dense bf16 datasheet); recompute is not counted.
 
+Ours, lever by lever (``OURS_ARMS``: VisionSFTModule kwargs per arm; predictions in NOTES_sft_speed.md):
+    ours_lora / ours_qlora        the module's defaults (full checkpointing, PEFT forward, no kernels)
+    ours_lora_kernels             + use_kernels (fused norms, RoPE, gated MLP, linear cross-entropy)
+    ours_lora_vision_nograd       + frozen_vision_no_grad (frozen vision tower without autograd)
+    ours_lora_fused               + fused_lora (LoRA update addmm'd into the base GEMM output)
+    ours_lora_all                 kernels + vision no-grad + fused LoRA (full checkpointing)
+    ours_lora_all_every2 / _every4 / _attn / _nogc   ... with selective / no checkpointing
+    ours_lora_all_compile         ... + torch.compile of each decoder layer
+    ours_qlora_all                4-bit with kernels + vision no-grad + fused LoRA
+``--levers '{"fused_lora": true}'`` merges extra kwargs into every ours arm; ``--kernels`` sets use_kernels.
+
 Run (GPU):  python benchmarks/sft_step.py --out $OUT       (all arms, ~8 min on one H200)
-Smoke (CPU): python benchmarks/sft_step.py --tiny --arms hf_peft_gc,ours_lora --steps 3
+Levers (GPU): python benchmarks/sft_step.py --out $OUT --arms ours_lora,ours_lora_kernels,ours_lora_vision_nograd,\
+              ours_lora_fused,ours_lora_all,ours_lora_all_every2,ours_lora_all_compile
+Smoke (CPU): python benchmarks/sft_step.py --tiny --arms hf_peft_gc,ours_lora,ours_lora_all --steps 3
 """
 from __future__ import annotations
 
@@ -30,6 +43,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 ARMS = ["hf_peft_gc", "hf_peft_liger_gc", "hf_peft_nogc", "hf_qlora_gc", "ours_lora", "ours_qlora"]
+_ALL = {"use_kernels": True, "frozen_vision_no_grad": True, "fused_lora": True}
+OURS_ARMS = {  # arm -> VisionSFTModule kwargs on top of the shared LoRA r=16 setup (see the docstring)
+    "ours_lora": {},
+    "ours_qlora": {"quantization": "4bit"},
+    "ours_lora_kernels": {"use_kernels": True},
+    "ours_lora_vision_nograd": {"frozen_vision_no_grad": True},
+    "ours_lora_fused": {"fused_lora": True},
+    "ours_lora_all": dict(_ALL),
+    "ours_lora_all_every2": {**_ALL, "gradient_checkpointing": "every_2"},
+    "ours_lora_all_every4": {**_ALL, "gradient_checkpointing": "every_4"},
+    "ours_lora_all_attn": {**_ALL, "gradient_checkpointing": "attention"},
+    "ours_lora_all_nogc": {**_ALL, "gradient_checkpointing": False},
+    "ours_lora_all_compile": {**_ALL, "compile_layers": True},
+    "ours_qlora_all": {**_ALL, "quantization": "4bit"},
+}
 H200_BF16_PEAK = 989.4e12
 
 
@@ -150,15 +178,14 @@ def run_ours_arm(arm: str, args) -> dict:
 
     add_processor(Path(args.model_dir))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    quant = "4bit" if arm == "ours_qlora" else None
-    module = VisionSFTModule(model_name_or_path=str(args.model_dir), quantization=quant,
+    kwargs = ours_kwargs(arm, args)
+    module = VisionSFTModule(model_name_or_path=str(args.model_dir),
                              dtype="bfloat16" if device == "cuda" else "float32",
                              r=16, lora_alpha=16, finetune_language_layers=True,
                              finetune_vision_layers=False, finetune_attention_modules=True,
-                             finetune_mlp_modules=True, gradient_checkpointing=True,
-                             use_kernels=args.kernels,
+                             finetune_mlp_modules=True,
                              # same optimizer as the HF arms, so the loss curves are comparable
-                             optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4))
+                             optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4), **kwargs)
     config = common.build_config(tiny=args.tiny)
     batch = common.synthetic_vlm_batch(config, args.batch, args.seq_len, image_side=args.image_side, seed=0)
 
@@ -179,7 +206,19 @@ def run_ours_arm(arm: str, args) -> dict:
     out = summarize(arm, args, config, batch, timer.times, timer.losses, n_lm, n_lora, n_vis)
     out["first_step_s_after_load"] = timer.first_step_end - timer.fit_start if timer.fit_start else None
     out["fit_total_s"] = time.perf_counter() - t_fit
+    out["module_kwargs"] = kwargs
     return out
+
+
+def ours_kwargs(arm: str, args) -> dict:
+    """VisionSFTModule kwargs of an ours arm: the arm's levers, then --kernels and --levers on top."""
+    if arm not in OURS_ARMS:
+        raise SystemExit(f"unknown arm {arm!r}; ours arms: {', '.join(OURS_ARMS)}")
+    kwargs = {"quantization": None, "gradient_checkpointing": True, "use_kernels": False, **OURS_ARMS[arm]}
+    if args.kernels:
+        kwargs["use_kernels"] = True
+    kwargs.update(json.loads(args.levers) if args.levers else {})
+    return kwargs
 
 
 class StepTimer:
@@ -239,14 +278,17 @@ def max_batch(arm: str, args) -> int | None:
         cmd = [sys.executable, __file__, "--child", arm, "--model-dir", str(args.model_dir), "--batch", str(b),
                "--seq-len", str(args.seq_len), "--steps", "2", "--warmup", "0",
                "--image-side", str(args.image_side)]
-        if args.kernels:
-            cmd.append("--kernels")
+        cmd += child_flags(args)
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0 or "RESULT " not in r.stdout:
             break
         best = b
         b *= 2
     return best
+
+
+def child_flags(args) -> list[str]:
+    return (["--kernels"] if args.kernels else []) + (["--levers", args.levers] if args.levers else [])
 
 
 def main():
@@ -259,6 +301,8 @@ def main():
     p.add_argument("--image-side", type=int, default=448)
     p.add_argument("--tiny", action="store_true", help="CPU smoke test on a tiny config")
     p.add_argument("--kernels", action="store_true", help="ours with use_kernels=True")
+    p.add_argument("--levers", default="", help="JSON object of VisionSFTModule kwargs merged into every ours "
+                                                "arm, e.g. '{\"gradient_checkpointing\": \"every_2\"}'")
     p.add_argument("--max-batch-search", default="", help="comma list of arms to search the max batch for")
     p.add_argument("--model-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
@@ -267,6 +311,13 @@ def main():
     if args.model_dir is None:
         args.model_dir = Path("/tmp/vlm_bench") / ("qwen25vl_tiny" if args.tiny else "qwen25vl_7b")
 
+    if args.levers:
+        try:
+            levers = json.loads(args.levers)
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"--levers: not JSON ({err}): {args.levers!r}")
+        if not isinstance(levers, dict):
+            raise SystemExit(f"--levers: expected a JSON object of VisionSFTModule kwargs, got {args.levers!r}")
     if args.child:
         fn = run_ours_arm if args.child.startswith("ours") else run_hf_arm
         res = fn(args.child, args)
@@ -285,7 +336,7 @@ def main():
     for arm in args.arms.split(","):
         cmd = [sys.executable, __file__, "--child", arm, "--model-dir", str(args.model_dir),
                "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--image-side", str(args.image_side)] + (["--tiny"] if args.tiny else []) + (["--kernels"] if args.kernels else [])
+               "--warmup", str(args.warmup), "--image-side", str(args.image_side)] + (["--tiny"] if args.tiny else []) + child_flags(args)
         t = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
@@ -308,25 +359,27 @@ def main():
 def report(results: dict, args) -> None:
     ok = {k: v for k, v in results.items() if "error" not in v}
     ref = ok.get("hf_peft_gc")
-    lines = ["| arm | tokens/s | peak GiB | MFU | max batch | x HF+PEFT gc | loss diff vs HF (first 5) |",
-             "|---|---|---|---|---|---|---|"]
+    base = ok.get("ours_lora")  # lever-by-lever ratios
+    lines = ["| arm | tokens/s | peak GiB | MFU | max batch | x HF+PEFT gc | x ours_lora | loss diff vs HF (first 5) |",
+             "|---|---|---|---|---|---|---|---|"]
     for arm, r in results.items():
         if "error" in r:
-            lines.append(f"| {arm} | failed | | | | | {r['error'].strip().splitlines()[-1][:80]} |")
+            lines.append(f"| {arm} | failed | | | | | | {r['error'].strip().splitlines()[-1][:80]} |")
             continue
         ratio = r["tokens_per_s"] / ref["tokens_per_s"] if ref else float("nan")
         diff = (max(abs(a - b) for a, b in zip(r["losses"][:5], ref["losses"][:5]))
                 if ref else float("nan"))
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+        vs_ours = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
         lines.append(f"| {arm} | {r['tokens_per_s']:,.0f} | {peak} | {r['mfu']:.1%} | "
-                     f"{r.get('max_batch_2048', '-')} | {ratio:.2f}x | {diff:.4f} |")
+                     f"{r.get('max_batch_2048', '-')} | {ratio:.2f}x | {vs_ours:.2f}x | {diff:.4f} |")
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sft_step.md").write_text(table + "\n")
     cfg = {"shape": "qwen2.5-vl-7b" if not args.tiny else "tiny", "batch": args.batch,
            "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup, "lora_r": 16,
-           "image": "448x448", "kernels": args.kernels}
+           "image": "448x448", "kernels": args.kernels, "levers": args.levers}
     rows = [common.record("sft_step", arm, cfg, {k: v for k, v in r.items() if k != "arm"})
             for arm, r in results.items()]
     common.append_jsonl(args.out / "sft_step.jsonl", rows)

@@ -92,10 +92,11 @@ def test_explicit_target_modules_and_patterns_that_match_nothing(tiny_vlm_dir):
         apply_lora(model, finetune_attention_modules=False, finetune_mlp_modules=False)
     with pytest.raises(ValueError, match="both False"):
         apply_lora(model, finetune_language_layers=False)
-    peft_model = apply_lora(model, r=4, target_modules=["q_proj", "v_proj"], gradient_checkpointing=False)
-    names = {n.split(".lora_")[0] for n, p in peft_model.named_parameters() if p.requires_grad}
     expected = {f"base_model.model.{n}" for n, m in model.named_modules()
                 if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in ("q_proj", "v_proj")}
+    assert any(".visual." not in n for n in expected)
+    peft_model = apply_lora(model, r=4, target_modules=["q_proj", "v_proj"], gradient_checkpointing=False)
+    names = {n.split(".lora_")[0] for n, p in peft_model.named_parameters() if p.requires_grad}
     assert names == expected
 
 

@@ -117,3 +117,23 @@ def test_generate_left_padded_and_save_adapter(qwen_data, tmp_path):
     for n, p in reloaded.named_parameters():
         if "lora_" in n:
             torch.testing.assert_close(p, ours[n], rtol=0, atol=0)
+
+
+def test_use_kernels_gives_the_same_loss_and_gradients(qwen_data):
+    """use_kernels=True: apply_kernels + the fused linear cross-entropy; same loss and LoRA gradients as the
+    plain path (fp32; Triton runs under TRITON_INTERPRET=1, else the kernels' torch fallback)."""
+    path, dm = qwen_data
+    batch = dm.collator()([dm.datasets["train"][i] for i in range(4)])
+    n = (batch["labels"][:, 1:] != -100).sum()
+    results = []
+    for use_kernels in (False, True):
+        L.seed_everything(0)
+        module = _module(path, use_kernels=use_kernels)
+        module.configure_model()
+        loss, _ = module.loss_sum(batch, n)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in module.model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-5)
+    for k in results[0][1]:
+        torch.testing.assert_close(results[1][1][k], results[0][1][k], rtol=1e-3, atol=1e-5, msg=k)

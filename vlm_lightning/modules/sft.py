@@ -143,7 +143,18 @@ class VisionSFTModule(L.LightningModule):
         finetune_language_layers, finetune_vision_layers, finetune_attention_modules, finetune_mlp_modules,
         finetune_projector, target_modules, modules_to_save, lora_dtype, init_lora_weights: see
             ``models.lora.apply_lora`` (``init_lora_weights=False``: random, non-zero B, for tests).
-        gradient_checkpointing: non-reentrant activation checkpointing (saves memory, costs ~30% time).
+        gradient_checkpointing: non-reentrant activation checkpointing (saves memory, costs ~30% time):
+            True/"full" (every decoder layer), False/"none", or a selective mode of ``models.speed``:
+            "mlp" / "attention" (only that sub-block of each decoder layer is recomputed), "every_N" (every
+            N-th decoder layer is checkpointed, the others keep their activations: faster, more memory).
+        frozen_vision_no_grad: run the vision tower under ``torch.no_grad`` when none of its weights trains
+            (a trainable projector still trains; turned off automatically for vision LoRA / full fine-tune).
+            Exact; saves the frozen tower's recompute and backward under checkpointing.
+        fused_lora: LoRA forward ``y = base(x); y.addmm_(x @ A^T, B^T, alpha=scaling)`` (update fused into
+            the base GEMM output, no extra elementwise kernels) where exact (dropout 0, no DoRA, LoRA weights
+            in the compute dtype, no autocast); elsewhere PEFT's forward.
+        compile_layers: ``torch.compile`` each decoder layer (True: inductor, or a backend name); the first
+            step pays the compile time.
         optimizer: e.g. ``torch.optim.AdamW`` with ``init_args: {lr: 2e-4}`` in YAML (default AdamW lr 2e-4).
         scheduler: an ``LRSchedulerCallable`` stepped every optimizer step, or None.
         use_kernels: patch the model with ``vlm_lightning.kernels.apply_kernels`` and take the loss from the
@@ -177,15 +188,21 @@ class VisionSFTModule(L.LightningModule):
         use_dora: bool = False,
         lora_dtype: str = "compute",
         init_lora_weights: bool = True,
-        gradient_checkpointing: bool = True,
+        gradient_checkpointing: bool | str = True,
         optimizer: OptimizerCallable = _default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
         use_kernels: bool = False,
         bnb_4bit_quant_storage: str | None = None,
         trust_remote_code: bool = False,
         generation_max_new_tokens: int = 64,
+        frozen_vision_no_grad: bool = False,
+        fused_lora: bool = False,
+        compile_layers: bool | str = False,
     ):
         super().__init__()
+        from vlm_lightning.models.speed import parse_checkpointing
+
+        parse_checkpointing(gradient_checkpointing)  # a bad mode fails here, naming the option
         if quantization is not None and not lora:
             raise ValueError(f"quantization={quantization!r} with lora=False: a quantised base cannot be fully "
                              "fine-tuned; use lora=True (QLoRA) or quantization=null")
@@ -214,7 +231,10 @@ class VisionSFTModule(L.LightningModule):
         from vlm_lightning.models.loading import load_vlm
         from vlm_lightning.models.lora import apply_lora, prepare_full_finetune
 
+        from vlm_lightning.models.speed import apply_speed_levers, parse_checkpointing
+
         hp = self.hparams
+        checkpointing = parse_checkpointing(hp.gradient_checkpointing)
         model, processor = load_vlm(hp.model_name_or_path, quantization=hp.quantization, dtype=hp.dtype,
                                     attn_implementation=hp.attn_implementation,
                                     trust_remote_code=hp.trust_remote_code,
@@ -230,10 +250,15 @@ class VisionSFTModule(L.LightningModule):
                 finetune_attention_modules=hp.finetune_attention_modules,
                 finetune_mlp_modules=hp.finetune_mlp_modules, finetune_projector=hp.finetune_projector,
                 target_modules=hp.target_modules, modules_to_save=hp.modules_to_save, use_rslora=hp.use_rslora,
-                use_dora=hp.use_dora, gradient_checkpointing=hp.gradient_checkpointing, lora_dtype=hp.lora_dtype,
+                use_dora=hp.use_dora, gradient_checkpointing=checkpointing != "none", lora_dtype=hp.lora_dtype,
                 init_lora_weights=hp.init_lora_weights)
         else:
-            model = prepare_full_finetune(model, gradient_checkpointing=hp.gradient_checkpointing)
+            model = prepare_full_finetune(model, gradient_checkpointing=checkpointing != "none")
+        if hp.get("frozen_vision_no_grad") or hp.get("fused_lora") or hp.get("compile_layers") or \
+                checkpointing not in ("full", "none"):
+            apply_speed_levers(model, frozen_vision_no_grad=hp.get("frozen_vision_no_grad", False),
+                               fused_lora=hp.get("fused_lora", False), gradient_checkpointing=checkpointing,
+                               compile_layers=hp.get("compile_layers", False))
         model.train()  # from_pretrained returns eval mode: no dropout, and HF skips checkpointing in eval
         self.model = model
         self.processor = processor
