@@ -604,8 +604,12 @@ def gather_full_state_dict(trainer: Any, pl_module: nn.Module, trainable_only: b
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     if isinstance(wrapped, FSDP):
-        # rank0_only + offload_to_cpu: only rank 0 holds the full tensors, on the CPU; offload needs a GPU
-        offload = wrapped.compute_device.type == "cuda"
+        # rank0_only + offload_to_cpu: only rank 0 holds the full tensors, on the CPU; offload needs a GPU,
+        # and torch refuses it for NO_SHARD (what FSDP uses on a single device)
+        from torch.distributed.fsdp import ShardingStrategy
+
+        offload = (wrapped.compute_device.type == "cuda"
+                   and getattr(wrapped, "sharding_strategy", None) != ShardingStrategy.NO_SHARD)
         with FSDP.summon_full_params(wrapped, writeback=False, rank0_only=rank0_only and offload,
                                      offload_to_cpu=offload):
             return read() if (is_zero or not rank0_only) else {}

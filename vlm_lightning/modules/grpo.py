@@ -401,8 +401,8 @@ class VisionGRPOModule(VisionSFTModule):
         metrics["lr"] = opt.param_groups[0]["lr"]
         self.last_rollout_metrics = metrics
         self.log_dict({f"train/{k}": v for k, v in metrics.items() if not math.isnan(v)}, on_step=True,
-                      prog_bar=False, batch_size=bsz)
-        self.log("train/reward", metrics["reward/mean"], prog_bar=True, batch_size=bsz)
+                      prog_bar=False, batch_size=bsz, sync_dist=True)
+        self.log("train/reward", metrics["reward/mean"], prog_bar=True, batch_size=bsz, sync_dist=True)
         self._keep_samples(tiled, comp, rewards, adv)
         return torch.tensor(sums["loss"])
 
