@@ -91,3 +91,13 @@ def test_tiny_scheme_builds_once(tmp_path, monkeypatch):
     assert resolve_model_path("some/hub-id") == "some/hub-id"
     with pytest.raises(ValueError, match="unknown tiny model 'nope'"):
         resolve_model_path("tiny:nope")
+
+
+def test_demo_preset_splits_digits_like_the_real_tokenizers(tmp_path):
+    from transformers import AutoProcessor
+
+    path = resolve_model_path(f"tiny:ocr_demo@{tmp_path / 'demo'}")
+    tokenizer = AutoProcessor.from_pretrained(path).tokenizer
+    assert tokenizer.tokenize("0171") == ["0", "1", "7", "1"]
+    model, _ = load_vlm(path, dtype="float32")
+    assert model.config.text_config.hidden_size == 128

@@ -32,17 +32,36 @@ log = logging.getLogger(__name__)
 Quantization = Literal["4bit", "8bit"] | None
 
 TINY_SCHEME = "tiny:"
-#: Named tiny models for ``tiny:<name>``: (family, make_tiny_vlm overrides). The OCR demo's model is a
-#: ~2M-parameter Qwen2-VL, small enough to learn the bundled OCR set from scratch on 2 CPU cores.
-TINY_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ocr_demo": ("qwen2_vl", {
-        "text_config": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-                        "num_attention_heads": 4, "num_key_value_heads": 2,
-                        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
-                                            "mrope_section": [4, 6, 6]}},
-        "vision_config": {"depth": 2, "embed_dim": 64, "hidden_size": 128, "num_heads": 4, "mlp_ratio": 2},
-    }),
+_DEMO_QWEN = {
+    "text_config": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "num_key_value_heads": 2,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]}},
+    "vision_config": {"depth": 2, "embed_dim": 64, "hidden_size": 128, "num_heads": 4, "mlp_ratio": 2},
 }
+_DEMO_QWEN_L = {
+    "text_config": {"hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 2,
+                    "num_attention_heads": 6, "num_key_value_heads": 2,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]}},
+    "vision_config": {"depth": 2, "embed_dim": 128, "hidden_size": 192, "num_heads": 4, "mlp_ratio": 2},
+}
+#: Named tiny models for ``tiny:<name>``: (family, make_tiny_vlm overrides, split digits). The OCR demo's
+#: models are small Qwen2-VLs that learn the bundled OCR set from scratch on 2 CPU cores. Their tokenizer
+#: splits numbers into single digits, as the real Qwen2 / Llama / Mistral / Gemma tokenizers do (the test
+#: fixtures' byte-level BPE merges digit runs, e.g. "0171" -> "01", "7", "1").
+TINY_PRESETS: dict[str, tuple[str, dict[str, Any], bool]] = {
+    "ocr_demo": ("qwen2_vl", _DEMO_QWEN, True),
+    "ocr_demo_l": ("qwen2_vl", _DEMO_QWEN_L, True),
+}
+
+
+def split_digits(model_dir: str | os.PathLike) -> None:
+    """Make the saved fast tokenizer pre-split numbers into single digits (offsets are kept)."""
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    path = Path(model_dir) / "tokenizer.json"
+    tok = Tokenizer.from_file(str(path))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), tok.pre_tokenizer])
+    tok.save(str(path))
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
@@ -69,8 +88,9 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     from vlm_lightning.testing import TINY_FAMILIES, make_tiny_vlm
 
     name, _, where = spec[len(TINY_SCHEME):].partition("@")
+    digits = False
     if name in TINY_PRESETS:
-        family, overrides = TINY_PRESETS[name]
+        family, overrides, digits = TINY_PRESETS[name]
     elif name in TINY_FAMILIES:
         family, overrides = name, {}
     else:
@@ -84,6 +104,8 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         make_tiny_vlm(family, tmp / "model", seed=0, **overrides)  # same seed: same model everywhere
+        if digits:
+            split_digits(tmp / "model")
         try:
             os.replace(tmp / "model", target)
         except OSError:  # another process won the race

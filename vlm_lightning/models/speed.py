@@ -24,10 +24,10 @@ Example:
 """
 from __future__ import annotations
 
-import functools
 import logging
 import re
 import threading
+import types
 
 import torch
 import torch.nn as nn
@@ -52,21 +52,24 @@ def _spec(model: nn.Module, family_spec=None):
     return get_family_spec(_hf(model))
 
 
-_SUBCLASSES: dict = {}
-
-
 def _swap_forward(module: nn.Module, tag: str, make_forward) -> bool:
-    """Give ``module`` a cached subclass of its class whose ``forward`` is ``make_forward(original)``
-    (deepcopy- and state-dict-safe, unlike an instance attribute). False if already swapped for ``tag``."""
-    cls = type(module)
-    if getattr(cls, f"_vlm_speed_{tag}", False):
+    """Route ``module.forward`` through ``make_forward(original)``, ``original(self, *args, **kwargs)`` being
+    the forward it had. Bound per instance (a ``MethodType``, which ``copy.deepcopy`` rebinds to the copy), and
+    ``original`` looks the class's forward up at call time: a subclass would break modules that call
+    ``super(type(self), self).forward`` (the kernels' attention patch). False if already done for ``tag``."""
+    if module.__dict__.get(f"_vlm_speed_{tag}", False):
         return False
-    key = (cls, tag)
-    if key not in _SUBCLASSES:
-        forward = make_forward(cls.forward)
-        _SUBCLASSES[key] = type(cls.__name__, (cls,), {"forward": forward, f"_vlm_speed_{tag}": True,
-                                                       "__module__": cls.__module__})
-    module.__class__ = _SUBCLASSES[key]
+    existing = module.__dict__.get("forward")  # another lever's wrapper: stack on it
+
+    if existing is not None:
+        def original(self, *args, **kwargs):
+            return existing(*args, **kwargs)
+    else:
+        def original(self, *args, **kwargs):
+            return type(self).forward(self, *args, **kwargs)
+
+    module.forward = types.MethodType(make_forward(original), module)
+    module.__dict__[f"_vlm_speed_{tag}"] = True
     return True
 
 
@@ -75,7 +78,6 @@ _OUTER_GRAD = threading.local()  # grad mode of the caller of each running no-gr
 
 
 def _make_no_grad_forward(original):
-    @functools.wraps(original)
     def forward(self, *args, **kwargs):
         outer = torch.is_grad_enabled()
         stack = _OUTER_GRAD.__dict__.setdefault("modes", [])
@@ -90,7 +92,6 @@ def _make_no_grad_forward(original):
 
 
 def _make_grad_restoring_forward(original):
-    @functools.wraps(original)
     def forward(self, *args, **kwargs):
         # not a context manager: what the tower does after its projector (Qwen: reorder the merged tokens)
         # must stay differentiable; the tower's forward restores the caller's mode when it returns
@@ -156,7 +157,6 @@ def _fused_lora_ok(layer: nn.Module, x: torch.Tensor, args, kwargs) -> bool:
 
 
 def _make_fused_lora_forward(original):
-    @functools.wraps(original)
     def forward(self, x, *args, **kwargs):
         if not _fused_lora_ok(self, x, args, kwargs):
             return original(self, x, *args, **kwargs)
@@ -230,7 +230,6 @@ def parse_checkpointing(value: bool | str | None) -> str:
 
 
 def _make_checkpointed_forward(original):
-    @functools.wraps(original)
     def forward(self, *args, **kwargs):
         if self.training and torch.is_grad_enabled():
             return checkpoint(original, self, *args, use_reentrant=False, **kwargs)
