@@ -18,7 +18,7 @@ for stage in "$@"; do
     kernels_bench) timeout 230 python3 benchmarks/kernels.py --budget-s 100 --jsonl "$OUT/kernels.jsonl" --md "$OUT/kernels.md" 2>&1 | tail -20 ;;
     sft_step)      timeout ${SFT_TIMEOUT:-300} python3 benchmarks/sft_step.py --out "$OUT" ${SFT_ARGS:-} 2>&1 | grep -v "Writing model\|Loading weights" | tail -25 ;;
     grpo_step)     timeout ${GRPO_TIMEOUT:-330} python3 benchmarks/grpo_step.py --out "$OUT" 2>&1 | grep -v "Writing model\|Loading weights" | tail -25 ;;
-    fsdp_smoke)    timeout 150 python3 benchmarks/fsdp_smoke.py --out "$OUT" 2>&1 | tail -15 ;;
+    fsdp_smoke)    timeout ${FSDP_TIMEOUT:-150} python3 benchmarks/fsdp_smoke.py --out "$OUT" 2>&1 | tail -15 ;;
     sft_gpu_check) timeout 200 python3 benchmarks/sft_gpu_check.py --out "$OUT" 2>&1 | tail -15 ;;
     *) echo "unknown stage $stage" ;;
   esac
