@@ -34,6 +34,8 @@ class DemoOCRData:
     n_train: int = 2000
     n_val: int = 64
     seed: int = 0
+    num_digits: int | None = None
+    layout: str = "random"
 
 
 class VLMLightningCLI(LightningCLI):
@@ -52,7 +54,8 @@ class VLMLightningCLI(LightningCLI):
         if demo is not None:
             from vlm_lightning.data.demo import make_demo_ocr_dataset
 
-            make_demo_ocr_dataset(demo.root, n_train=demo.n_train, n_val=demo.n_val, seed=demo.seed)
+            make_demo_ocr_dataset(demo.root, n_train=demo.n_train, n_val=demo.n_val, seed=demo.seed,
+                                  num_digits=demo.num_digits, layout=demo.layout)
         path = config.model.init_args.get("model_name_or_path")
         if path is not None:
             resolved = resolve_model_path(path)  # tiny:<name> -> a built directory; anything else unchanged

@@ -29,18 +29,24 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def render_digits(text: str, rng: random.Random, size: tuple[int, int] = IMAGE_SIZE) -> Image.Image:
-    """Draw ``text`` in dark ink on a light background at a random size and position from ``rng``."""
+def render_digits(text: str, rng: random.Random, size: tuple[int, int] = IMAGE_SIZE,
+                  layout: str = "random") -> Image.Image:
+    """Draw ``text`` in dark ink on a light background. ``layout="random"``: random font size and position
+    from ``rng``; ``"fixed"``: one font size, centred, with a jitter of a few pixels (the CPU demo's task)."""
     w, h = size
     bg = tuple(rng.randint(215, 255) for _ in range(3))
     ink = tuple(rng.randint(0, 60) for _ in range(3))
     img = Image.new("RGB", size, bg)
     draw = ImageDraw.Draw(img)
-    font = _font(rng.randint(22, 30))
+    font = _font(rng.randint(22, 30) if layout == "random" else 34)
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     tw, th = right - left, bottom - top
-    x = rng.randint(2, max(2, w - tw - 2)) - left
-    y = rng.randint(2, max(2, h - th - 2)) - top
+    if layout == "random":
+        x = rng.randint(2, max(2, w - tw - 2)) - left
+        y = rng.randint(2, max(2, h - th - 2)) - top
+    else:
+        x = (w - tw) // 2 + rng.randint(-3, 3) - left
+        y = (h - th) // 2 + rng.randint(-3, 3) - top
     draw.text((x, y), text, fill=ink, font=font)
     return img
 
@@ -56,11 +62,17 @@ def _strings(n: int, rng: random.Random, exclude: set[str]) -> list[str]:
     return out
 
 
-def make_demo_ocr_dataset(root: str | Path, n_train: int = 64, n_val: int = 16, seed: int = 0) -> dict[str, Path]:
+def make_demo_ocr_dataset(root: str | Path, n_train: int = 64, n_val: int = 16, seed: int = 0,
+                          num_digits: int | None = None, layout: str = "random") -> dict[str, Path]:
     """Write (once) and return ``{"train": root/train.jsonl, "val": root/val.jsonl}``.
 
-    Deterministic for a given ``(n_train, n_val, seed)``; an existing folder made with the same
-    settings is reused. Train and val strings are disjoint.
+    Deterministic for a given ``(n_train, n_val, seed, num_digits, layout)``; an existing folder made with
+    the same settings is reused. Train and val strings are disjoint.
+
+    ``num_digits=None`` draws strings of 2-4 digits, each string used once. ``num_digits=k`` uses the 10**k
+    strings of exactly k digits: ``n_val`` of them are held out for validation, and the ``n_train`` training
+    images are drawn (with repeats, each rendered afresh) from the rest, so validation measures reading
+    digit by digit, never a memorised string or image.
 
     Example:
         >>> paths = make_demo_ocr_dataset("/tmp/demo_ocr", n_train=32, n_val=8)
@@ -69,7 +81,11 @@ def make_demo_ocr_dataset(root: str | Path, n_train: int = 64, n_val: int = 16, 
     root = Path(root)
     paths = {"train": root / "train.jsonl", "val": root / "val.jsonl"}
     stamp = root / "demo_ocr.json"
+    if layout not in ("random", "fixed"):
+        raise ValueError(f"layout={layout!r}: use 'random' or 'fixed'")
     settings = {"version": _VERSION, "n_train": n_train, "n_val": n_val, "seed": seed}
+    if num_digits is not None or layout != "random":
+        settings.update(num_digits=num_digits, layout=layout)
     if stamp.exists() and all(p.exists() for p in paths.values()):
         try:
             if json.loads(stamp.read_text()) == settings:
@@ -77,15 +93,23 @@ def make_demo_ocr_dataset(root: str | Path, n_train: int = 64, n_val: int = 16, 
         except json.JSONDecodeError:
             pass
     rng = random.Random(seed)
-    train_strings = _strings(n_train, rng, set())
-    val_strings = _strings(n_val, rng, set(train_strings))
+    if num_digits is None:
+        train_strings = _strings(n_train, rng, set())
+        val_strings = _strings(n_val, rng, set(train_strings))
+    else:
+        pool = [str(i).zfill(num_digits) for i in range(10 ** num_digits)]
+        if n_val >= len(pool):
+            raise ValueError(f"n_val={n_val} leaves no {num_digits}-digit string for training")
+        rng.shuffle(pool)
+        val_strings, rest = pool[:n_val], pool[n_val:]
+        train_strings = [rng.choice(rest) for _ in range(n_train)]
     for split, strings in (("train", train_strings), ("val", val_strings)):
         (root / split).mkdir(parents=True, exist_ok=True)
         split_rng = random.Random(f"{seed}-{split}")
         with paths[split].open("w", encoding="utf-8") as f:
             for i, s in enumerate(strings):
                 rel = f"{split}/{i:05d}.png"
-                render_digits(s, split_rng).save(root / rel)
+                render_digits(s, split_rng, layout=layout).save(root / rel)
                 row = {
                     "messages": [
                         {"role": "user", "content": [{"type": "image", "image": rel}, {"type": "text", "text": PROMPT}]},
