@@ -224,17 +224,18 @@ RECIPES = __import__("pathlib").Path(__file__).resolve().parents[1] / "recipes"
 
 
 def _cli(config, *overrides):
-    from lightning.pytorch.cli import LightningCLI
+    # the real entry point's CLI class (what `vlm-lightning fit` builds), not a bare LightningCLI
+    from vlm_lightning.cli import cli_main
 
     args = ["--config", str(config), "--trainer.accelerator=cpu", "--trainer.precision=32", "--trainer.logger=false",
             *overrides]
-    return LightningCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                        run=False, args=args, save_config_callback=None)
+    return cli_main(args, run=False)
 
 
 @pytest.mark.parametrize("recipe", ["qwen2_vl/grpo.yaml", "qwen2_vl/gspo.yaml", "qwen2_5_vl/grpo.yaml",
                                     "qwen2_5_vl/gspo.yaml", "demo/grpo_cpu.yaml"])
-def test_recipes_parse_into_validated_modules(recipe):
+def test_recipes_parse_into_validated_modules(recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the CPU demo recipe writes its data under runs/
     cli = _cli(RECIPES / recipe)
     assert isinstance(cli.model, VisionGRPOModule) and cli.model.reward_funcs
     assert cli.datamodule.train_for_generation
@@ -246,8 +247,9 @@ def test_cpu_demo_reward_goes_up(tmp_path, monkeypatch):
     from vlm_lightning.data import make_demo_ocr_dataset
 
     monkeypatch.setenv("VLM_LIGHTNING_TINY_DIR", str(tmp_path / "tiny"))
+    monkeypatch.chdir(tmp_path)
     paths = make_demo_ocr_dataset(tmp_path / "demo_ocr")
-    cli = _cli(RECIPES / "demo/grpo_cpu.yaml", f"--data.init_args.train={paths['train']}", "--trainer.max_steps=16")
+    cli = _cli(RECIPES / "demo/grpo_cpu.yaml", f"--data.train={paths['train']}", "--trainer.max_steps=16")
     rewards = []
 
     class Record(L.Callback):
