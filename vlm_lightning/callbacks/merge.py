@@ -9,7 +9,8 @@ __all__ = ["MergeLoRA"]
 
 
 class MergeLoRA(Callback):
-    """Merge the module's LoRA adapter into the 16-bit base weights and save a standalone HF folder.
+    """Merge the module's LoRA adapter into the 16-bit base weights (a full fine-tune: save its weights the
+    same way) and save a standalone HF folder, with the processor the module trained with.
 
     Runs at `on_fit_end` (unless `at_fit_end=False`); call `merge(trainer, pl_module)` for an on-demand
     merge. Global rank zero writes; the other ranks wait at a barrier. With a 4-bit base the original
@@ -70,10 +71,13 @@ class MergeLoRA(Callback):
         if trainer.is_global_zero:
             try:
                 if self.adapter_dir is not None and source is pl_module:
-                    pl_module.model.save_pretrained(self.adapter_dir)
-                    proc = getattr(pl_module, "processor", None)
-                    if proc is not None:
-                        proc.save_pretrained(self.adapter_dir)
+                    if callable(getattr(pl_module, "save_adapter", None)):  # adapter + the training processor
+                        pl_module.save_adapter(self.adapter_dir)
+                    else:
+                        pl_module.model.save_pretrained(self.adapter_dir)
+                        proc = getattr(pl_module, "processor", None)
+                        if proc is not None:
+                            proc.save_pretrained(self.adapter_dir)
                 path = merge_lora(
                     source, self.out_dir, base_name_or_path=self.base_name_or_path or _module_base(pl_module),
                     processor=getattr(pl_module, "processor", None),

@@ -304,14 +304,16 @@ class VisionChatDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------------- processor
 
+    @property
+    def processor_kwargs(self) -> dict[str, int]:
+        """What makes this data module's processor differ from the base's (the pixel bounds). The model
+        module records it in its checkpoints so an export rebuilds the same processor with ``build_processor``."""
+        return {k: int(v) for k, v in (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels)) if v is not None}
+
     def get_processor(self):
         """The processor (built from ``model_name_or_path`` on first use, with the pixel bounds applied)."""
         if self.processor is None:
-            from transformers import AutoProcessor
-
-            from vlm_lightning.models.loading import resolve_model_path  # tiny:<name> builds on first use
-
-            self.processor = AutoProcessor.from_pretrained(resolve_model_path(self.model_name_or_path))
+            self.processor = build_processor(self.model_name_or_path)
         apply_pixel_bounds(self.processor, self.min_pixels, self.max_pixels)
         return self.processor
 
@@ -457,6 +459,23 @@ class VisionChatDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.num_skipped = dict(state_dict.get("num_skipped", {}))
+
+
+def build_processor(name_or_path: str, min_pixels: int | None = None, max_pixels: int | None = None,
+                    trust_remote_code: bool = False):
+    """``AutoProcessor`` of ``name_or_path`` (``tiny:<name>`` built on first use) with the pixel bounds applied:
+    the processor ``VisionChatDataModule`` trains with, rebuilt from its ``processor_kwargs``.
+
+    Example:
+        >>> proc = build_processor("Qwen/Qwen2.5-VL-7B-Instruct", max_pixels=802816)
+    """
+    from transformers import AutoProcessor
+
+    from vlm_lightning.models.loading import resolve_model_path
+
+    processor = AutoProcessor.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    apply_pixel_bounds(processor, min_pixels, max_pixels)
+    return processor
 
 
 def apply_pixel_bounds(processor: Any, min_pixels: int | None, max_pixels: int | None) -> None:

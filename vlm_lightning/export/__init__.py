@@ -2,10 +2,11 @@
 
 The callbacks in `vlm_lightning.callbacks` and `vlm-lightning export` call these functions.
 """
+from .base_weights import BaseWeightsMissing
 from .hub import HubUploadError, push_folder
 from .merge import check_finite, merge_lora
 
-__all__ = ["merge_lora", "check_finite", "push_folder", "HubUploadError", "to_gguf"]
+__all__ = ["merge_lora", "check_finite", "push_folder", "HubUploadError", "BaseWeightsMissing", "to_gguf"]
 
 
 def __getattr__(name):  # gguf writer imported on first use (it pulls in numpy quantisers)

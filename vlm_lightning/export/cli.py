@@ -6,8 +6,9 @@ without the MergeLoRA / GGUFExport callbacks.
     vlm-lightning export gguf  --checkpoint runs/demo/last.ckpt --out runs/demo/gguf --quant q4_k_m
     vlm-lightning export push  --path runs/demo/gguf --repo me/demo-gguf
 
-`--checkpoint` takes an adapter folder (PeftModel.save_pretrained), a Lightning `.ckpt` of
-VisionSFTModule, or (gguf only) an already merged folder.
+`--checkpoint` takes an adapter folder (PeftModel.save_pretrained / save_adapter), a Lightning `.ckpt` of
+VisionSFTModule or VisionGRPOModule (LoRA or full fine-tune; read through its `vlm_lightning` block), or
+(gguf only) an already merged folder.
 """
 from __future__ import annotations
 

@@ -130,6 +130,19 @@ def _vision_common(w: gguf.GGUFWriter, cfg: dict, pre: dict, *, width: int, ff: 
     w.add_vision_image_std(list(pre["image_std"]))
 
 
+def _pixel_bounds_kv(w: gguf.GGUFWriter, pre: dict) -> None:
+    """The training processor's pixel bounds (``min_pixels``/``max_pixels``), so the mmproj records the
+    resolution the model was tuned at. clip.cpp (2025) reads these keys only for some projectors; for
+    Qwen-VL it keeps its own token limits (``llama-mtmd-cli --image-max-tokens``)."""
+    size = pre.get("size") or {}
+    lo = pre.get("min_pixels") or size.get("shortest_edge")
+    hi = pre.get("max_pixels") or size.get("longest_edge")
+    if lo:
+        w.add_vision_min_pixels(int(lo))
+    if hi:
+        w.add_vision_max_pixels(int(hi))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Qwen2-VL / Qwen2.5-VL (conversion/qwenvl.py)
 
@@ -153,6 +166,7 @@ def _qwen_vision_kv(w: gguf.GGUFWriter, cfg: dict, pre: dict) -> None:
     _vision_common(w, cfg, pre, width=width, ff=ff, blocks=v["depth"], heads=v["num_heads"],
                    image_size=v.get("image_size", 560), patch=v.get("patch_size", 14))
     w.add_vision_spatial_merge_size(v.get("spatial_merge_size", 2))
+    _pixel_bounds_kv(w, pre)
     if is_25:
         w.add_clip_projector_type(gguf.VisionProjectorType.QWEN25VL)
         w.add_vision_use_silu(True)

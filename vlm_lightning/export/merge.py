@@ -1,32 +1,25 @@
-"""Merge a LoRA adapter into 16-bit base weights and write a standalone transformers folder.
+"""Merge a LoRA adapter into 16-bit base weights (or apply a full fine-tune's weights) and write a
+standalone transformers folder.
 
 The merge never happens on quantised weights when it can be avoided: with a 4-bit (or 8-bit) base, the
 original 16-bit weights are reloaded from `name_or_path` and the adapter goes on top of those (merging
 onto dequant(W4) would bake the quantisation error into every merged layer). Only when no 16-bit source
-can be found does it dequantise the in-memory base, with a warning.
+can be found does it dequantise the in-memory base, with a warning. The base is always loaded as the stock
+transformers class and refused when a weight was missing from its files (see `base_weights.py`).
 """
 from __future__ import annotations
 
 import copy
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
 
-from ._source import (
-    LoraSource,
-    clean_merged_config,
-    dequantized_base_state_dict,
-    is_quantized,
-    load_processor,
-    model_class_for,
-    quantization_of_source,
-    resolve_lora_source,
-)
+from ._source import ExportSource, load_processor, resolve_source
+from .base_weights import clean_merged_config, load_base_16bit, stock_model_class
 
-__all__ = ["merge_lora", "merge_lora_into", "check_finite"]
+__all__ = ["merge_lora", "merge_lora_into", "apply_full_weights", "check_finite"]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "float32": torch.float32, "fp32": torch.float32}
@@ -50,58 +43,21 @@ def check_finite(model_or_state_dict) -> None:
             raise ValueError(f"merged weight {name!r} has {n_bad} NaN/Inf values: the adapter is broken, nothing was written")
 
 
-def load_base_16bit(src: LoraSource, dtype: torch.dtype):
-    """The unquantised base model in `dtype` on CPU, and how it was obtained ('reloaded' or 'dequantized'/'copied')."""
-    name = src.base_name_or_path
-    in_memory = src.model.get_base_model() if src.model is not None else None
-    kind = quantization_of_source(name) if name else None
-    if kind == "16bit":
-        cls = model_class_for(in_memory, name)
-        return cls.from_pretrained(name, dtype=dtype), "reloaded"
-    if in_memory is None:
-        raise ValueError(
-            f"no 16-bit base weights for the adapter: {name!r} is "
-            + ("a pre-quantised checkpoint" if kind == "quantized" else "not readable")
-            + " and there is no in-memory model; pass base_name_or_path= pointing at the 16-bit weights"
-        )
-    how = "dequantized" if is_quantized(in_memory) else "copied"
-    if how == "dequantized":
-        warnings.warn(
-            f"no 16-bit source for the base ({name!r}); merging into the dequantised 4/8-bit weights, which adds "
-            "the quantisation error to every merged layer. Pass base_name_or_path= with the 16-bit weights to avoid it.",
-            stacklevel=3,
-        )
-    return _rebuild_from_memory(in_memory, dtype), how
+def apply_full_weights(base_model, src: ExportSource):
+    """Copy a full fine-tune's trained weights onto `base_model`; every one of them must land (a key the
+    base lacks, or a wrong shape, raises). Returns `base_model`."""
+    sd = src.full_state_dict or {}
+    if not sd:
+        raise ValueError(f"{src.origin} holds no trained weights")
+    missing, unexpected = base_model.load_state_dict(sd, strict=False)
+    if unexpected:
+        raise RuntimeError(f"{len(unexpected)} trained weight(s) from {src.origin} do not exist in the base "
+                           f"{src.base_name_or_path!r}, e.g. {sorted(unexpected)[:3]}; nothing was written")
+    base_model.tie_weights()
+    return base_model
 
 
-def _rebuild_from_memory(base_model, dtype: torch.dtype):
-    config = base_model.config.__class__.from_dict(base_model.config.to_dict())
-    clean_merged_config(type("_Holder", (), {"config": config})())
-    sd = dequantized_base_state_dict(base_model, dtype)
-    with torch.device("meta"):
-        model = type(base_model)._from_config(config, dtype=dtype)
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
-    if missing or unexpected:
-        raise RuntimeError(f"rebuilding the base from memory failed: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.tie_weights()
-    if hasattr(base_model, "generation_config") and base_model.generation_config is not None:
-        model.generation_config = base_model.generation_config
-    # non-persistent buffers (rotary inv_freq) are not in any state dict: take them from the live model
-    live = {k.replace(".base_layer.", "."): v for k, v in base_model.named_buffers()}
-    for name, buf in list(model.named_buffers()):
-        if buf.is_meta:
-            if name not in live:
-                raise RuntimeError(f"buffer {name} was not restored while rebuilding the base")
-            mod_name, _, attr = name.rpartition(".")
-            mod = model.get_submodule(mod_name) if mod_name else model
-            persistent = attr not in getattr(mod, "_non_persistent_buffers_set", set())
-            mod.register_buffer(attr, live[name].detach().to("cpu", copy=True), persistent=persistent)
-    return model.eval()
-
-
-def merge_lora_into(base_model, src: LoraSource, safe: bool = True):
+def merge_lora_into(base_model, src: ExportSource, safe: bool = True):
     """Put the adapter of `src` onto `base_model` (plain transformers model) and merge it; returns the
     merged plain model. `safe=True` makes PEFT check every merged layer for NaN/Inf and then checks all
     weights once more."""
@@ -143,12 +99,14 @@ def merge_lora(
     push_to_hub: str | None = None,
     private: bool = True,
 ) -> Path:
-    """Write `out_dir` with the LoRA merged into the 16-bit base: sharded safetensors, config (with the
-    base's `architectures`), generation config, processor, tokenizer and chat template.
+    """Write `out_dir` with the LoRA merged into the 16-bit base (or a full fine-tune's weights applied to it):
+    sharded safetensors, config (the stock class in `architectures`), generation config, processor,
+    tokenizer and chat template.
 
-    `model_or_adapter_dir` is a `PeftModel`, a LightningModule whose `.model` is one (its `.processor` is
-    saved too), a `PeftModel.save_pretrained` folder or a Lightning `.ckpt`. `base_name_or_path` overrides
-    the base recorded in the adapter. `safe=True` raises on NaN/Inf in the merged weights (before
+    `model_or_adapter_dir` is a `PeftModel`, a LightningModule whose `.model` is one or a fully fine-tuned
+    transformers model (its `.processor` is saved too), a `PeftModel.save_pretrained` folder or a Lightning
+    `.ckpt` (LoRA or full). `base_name_or_path` overrides the base recorded in the adapter / checkpoint. A
+    base whose files lack a weight is refused (`BaseWeightsMissing`) before anything is written. `safe=True` raises on NaN/Inf in the merged weights (before
     anything is written). `push_to_hub="user/repo"` uploads the folder afterwards (token from `HF_TOKEN`);
     when the upload fails the folder stays on disk and the error says where it is.
 
@@ -158,19 +116,30 @@ def merge_lora(
     """
     out = Path(out_dir)
     torch_dtype = _dtype(dtype)
-    src = resolve_lora_source(model_or_adapter_dir, base_name_or_path, processor)
+    src = resolve_source(model_or_adapter_dir, base_name_or_path, processor)
     proc = load_processor(src)  # fail before the (slow) merge when the folder could not be complete
-    base, how = load_base_16bit(src, torch_dtype)
-    merged = merge_lora_into(base, src, safe=safe)
+    in_memory = None
+    if src.model is not None:
+        in_memory = src.model.get_base_model() if hasattr(src.model, "get_base_model") else src.model
+    base, how = load_base_16bit(src.base_name_or_path, torch_dtype, in_memory)
+    if src.is_full:
+        merged = apply_full_weights(base, src)
+        if safe:
+            check_finite(merged)
+    else:
+        merged = merge_lora_into(base, src, safe=safe)
     clean_merged_config(merged)
     merged.config.use_cache = True
+    merged.config.architectures = [stock_model_class(merged).__name__]
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
     proc.save_pretrained(out)
     _copy_generation_config(src, out)
     (out / "merge_info.json").write_text(json.dumps({
-        "base": src.base_name_or_path, "adapter": src.origin, "base_weights": how, "dtype": str(torch_dtype).replace("torch.", ""),
+        "base": src.base_name_or_path, "adapter": src.origin, "kind": "full" if src.is_full else "lora",
+        "base_weights": how, "dtype": str(torch_dtype).replace("torch.", ""),
         "lora_r": getattr(src.peft_config, "r", None), "target_modules": _jsonable(getattr(src.peft_config, "target_modules", None)),
+        "processor_kwargs": src.processor_kwargs,
     }, indent=2, default=str))
     del merged, base
     if push_to_hub:
@@ -184,7 +153,7 @@ def _jsonable(x):
     return sorted(x) if isinstance(x, (set, list, tuple)) else x
 
 
-def _copy_generation_config(src: LoraSource, out: Path) -> None:
+def _copy_generation_config(src: ExportSource, out: Path) -> None:
     """save_pretrained only writes generation_config.json for models that can generate: make sure the
     base's is there (it carries the eos ids that stop generation)."""
     if (out / "generation_config.json").exists():

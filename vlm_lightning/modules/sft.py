@@ -211,6 +211,8 @@ class VisionSFTModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.model: torch.nn.Module | None = None
         self.processor = None
+        self._data_processor = None  # the data module's processor, adopted in setup (see _adopt_data_processor)
+        self.processor_kwargs: dict[str, Any] = {}  # how it differs from the base's (recorded in checkpoints)
         self.strict_loading = False  # checkpoints hold only trainable weights; load_state_dict checks them
         self._window_norm: torch.Tensor | None = None  # c of the current accumulation window
         self._window_tokens: torch.Tensor | None = None  # supervised tokens seen in the window
@@ -223,6 +225,19 @@ class VisionSFTModule(L.LightningModule):
         from vlm_lightning.strategies import check_module_strategy
 
         check_module_strategy(self)
+        self._adopt_data_processor()
+
+    def _adopt_data_processor(self) -> None:
+        """One processor travels: use the data module's processor (its pixel bounds) for decoding,
+        ``save_adapter`` and the exports, and record its ``processor_kwargs`` in checkpoints."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        get_processor = getattr(dm, "get_processor", None)
+        if not callable(get_processor):
+            return
+        self._data_processor = get_processor()
+        self.processor_kwargs = dict(getattr(dm, "processor_kwargs", None) or {})
+        if self.model is not None:
+            self.processor = self._data_processor
 
     def configure_model(self) -> None:
         """Load the base, patch kernels, wrap with LoRA (or unfreeze all). Idempotent."""
@@ -261,7 +276,7 @@ class VisionSFTModule(L.LightningModule):
                                compile_layers=hp.get("compile_layers", False))
         model.train()  # from_pretrained returns eval mode: no dropout, and HF skips checkpointing in eval
         self.model = model
-        self.processor = processor
+        self.processor = self._data_processor if self._data_processor is not None else processor
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())
         log.info("VisionSFTModule: %s trainable of %s parameters", f"{n_train:,}", f"{n_all:,}")
@@ -422,7 +437,10 @@ class VisionSFTModule(L.LightningModule):
         return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        info = {"model_name_or_path": self.hparams.model_name_or_path, "adapter_only": bool(self.hparams.lora)}
+        """Record what an export needs besides ``state_dict`` (``vlm_lightning.export`` reads only this block,
+        never the hyper-parameters): the base, LoRA or full, the PEFT config and the processor kwargs."""
+        info = {"model_name_or_path": self.hparams.model_name_or_path, "adapter_only": bool(self.hparams.lora),
+                "processor_kwargs": dict(self.processor_kwargs)}
         peft_config = getattr(self.model, "peft_config", None)
         if peft_config:
             # plain JSON types only: Lightning resumes with torch.load(weights_only=True)
@@ -441,6 +459,10 @@ class VisionSFTModule(L.LightningModule):
             return directory
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory)
+        if not self.hparams.lora:  # use_kernels' Fused* class must not name the architecture
+            from vlm_lightning.export.base_weights import write_stock_architectures
+
+            write_stock_architectures(directory, self.model)
         if self.processor is not None:
             self.processor.save_pretrained(directory)
         return directory
