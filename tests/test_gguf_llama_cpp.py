@@ -8,7 +8,6 @@ so build it in CI's set-up step, not here). Skipped when it is not installed.
 """
 from __future__ import annotations
 
-import ctypes
 
 import numpy as np
 import pytest
@@ -16,22 +15,23 @@ import torch
 from PIL import Image
 
 from vlm_lightning.export.gguf import to_gguf
+from vlm_lightning.testing.llama_cpp import (
+    IMAGE_SIZE,
+    LLAMA_CPP_FAMILIES,
+    hf_image_layout,
+    image_text_last_logits,
+    mtmd_prompt,
+    open_llama,
+    rel_err,
+    text_logits,
+)
 
 llama_cpp = pytest.importorskip("llama_cpp")
 mtmd = pytest.importorskip("llama_cpp.mtmd_cpp")
 
 pytestmark = pytest.mark.slow
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "gemma3", "pixtral", "mistral3", "mistral3_small"]
-# (width, height) per family: a multiple of the patch (x merge) size that HF's processor does not resize
-# either, because llama.cpp's clip.cpp resizes with its own rules (token limits, bicubic) where HF would.
-IMAGE_SIZE = {"qwen2_vl": (112, 56), "qwen2_5_vl": (112, 56), "gemma3": (56, 56), "pixtral": (64, 32),
-              "mistral3": (112, 56), "mistral3_small": (112, 56)}
-# where the chat template puts the image, and what mtmd expects there instead (it adds begin/end tokens itself)
-PLACEHOLDER = {"qwen2_vl": ("<|vision_start|><|image_pad|><|vision_end|>", "{m}"),
-               "qwen2_5_vl": ("<|vision_start|><|image_pad|><|vision_end|>", "{m}"),
-               "gemma3": ("<start_of_image>", "\n\n{m}\n\n"),  # as Gemma3Processor expands it
-               "pixtral": ("[IMG]", "{m}"), "mistral3": ("[IMG]", "{m}"), "mistral3_small": ("[IMG]", "{m}")}
+FAMILIES = list(LLAMA_CPP_FAMILIES)
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +69,8 @@ def gguf_files(hf, tmp_path_factory):
     return get
 
 
-def _llama(path, logits_all=False):
-    # F32 KV cache: the comparison is about the weights, not KV rounding
-    return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, logits_all=logits_all, verbose=False,
-                           type_k=0, type_v=0, n_threads=2, seed=0)
 
 
-def _rel(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 def _text_prompt(processor) -> str:
@@ -84,10 +78,6 @@ def _text_prompt(processor) -> str:
     return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
 
-def _text_logits(llm, ids):
-    llm.reset()
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)])  # (T, V)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -97,15 +87,15 @@ def test_text_logits_match_hf(hf, gguf_files, family):
     ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         want = model(input_ids=torch.tensor([ids])).logits[0].numpy()  # (T, V)
-    llm = _llama(gguf_files(family)["model"], logits_all=True)
+    llm = open_llama(gguf_files(family)["model"], logits_all=True)
     try:
         # llama.cpp's tokenizer reproduces the HF one on this prompt (special tokens included)
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
-        got = _text_logits(llm, ids)
+        got = text_logits(llm, ids)
     finally:
         llm.close()
     assert got.shape == want.shape
-    assert _rel(got, want) < 5e-3, _rel(got, want)
+    assert rel_err(got, want) < 5e-3, rel_err(got, want)
     assert (got.argmax(-1) == want.argmax(-1)).all()
 
 
@@ -115,12 +105,12 @@ def test_text_quantised_qwen2_vl(hf, gguf_files, quant, max_rel, min_agree):
     ids = processor.tokenizer(_text_prompt(processor), add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         want = model(input_ids=torch.tensor([ids])).logits[0].numpy()
-    llm = _llama(gguf_files("qwen2_vl", quant)["model"], logits_all=True)
+    llm = open_llama(gguf_files("qwen2_vl", quant)["model"], logits_all=True)
     try:
-        got = _text_logits(llm, ids)
+        got = text_logits(llm, ids)
     finally:
         llm.close()
-    assert _rel(got, want) < max_rel
+    assert rel_err(got, want) < max_rel
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= min_agree
 
 
@@ -137,13 +127,13 @@ def test_kquant_through_llama_cpp(hf, tmp_path):
     ids = processor.tokenizer(_text_prompt(processor), add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         want = model(input_ids=torch.tensor([ids])).logits[0].numpy()
-    llm = _llama(paths["model"], logits_all=True)
+    llm = open_llama(paths["model"], logits_all=True)
     try:
-        got = _text_logits(llm, ids)
+        got = text_logits(llm, ids)
     finally:
         llm.close()
     assert np.isfinite(got).all()
-    assert _rel(got, want) < 0.3  # 64-wide rows fall back to Q5_0/Q8_0 blocks: coarse but close
+    assert rel_err(got, want) < 0.3  # 64-wide rows fall back to Q5_0/Q8_0 blocks: coarse but close
 
 
 def _image(family) -> Image.Image:
@@ -152,46 +142,6 @@ def _image(family) -> Image.Image:
     return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
 
 
-def _mtmd_last_logits(paths, text: str, img: Image.Image, n_vocab_check: int):
-    """Run text + image through llama.cpp's libmtmd; return (token layout with -1 for image positions,
-    last-token logits)."""
-    llm = _llama(paths["model"])
-    params = mtmd.mtmd_context_params_default()
-    params.use_gpu = False
-    params.n_threads = 2
-    params.print_timings = False
-    params.warmup = False
-    ctx = mtmd.mtmd_init_from_file(str(paths["mmproj"]).encode(), llm.model, params)
-    assert ctx, f"libmtmd could not load {paths['mmproj']}"
-    rgb = np.asarray(img.convert("RGB"), dtype=np.uint8).tobytes()
-    bitmap = mtmd.mtmd_bitmap_init(img.width, img.height, (ctypes.c_uint8 * len(rgb)).from_buffer_copy(rgb))
-    chunks = mtmd.mtmd_input_chunks_init()
-    try:
-        inp = mtmd.mtmd_input_text()
-        raw = text.encode()
-        inp.text, inp.text_len, inp.add_special, inp.parse_special = raw, len(raw), False, True
-        bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
-        assert mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(inp), bitmaps, 1) == 0
-        layout = []
-        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
-            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
-            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                n = ctypes.c_size_t()
-                ptr = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
-                layout += [ptr[j] for j in range(n.value)]
-            else:
-                layout += [-1] * mtmd.mtmd_input_chunk_get_n_tokens(chunk)
-        new_n_past = llama_cpp.llama_pos(0)
-        assert mtmd.mtmd_helper_eval_chunks(ctx, llm._ctx.ctx, chunks, 0, 0, 512, True, ctypes.byref(new_n_past)) == 0
-        n_vocab = llm.n_vocab()
-        assert n_vocab == n_vocab_check
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,)).copy()
-    finally:
-        mtmd.mtmd_input_chunks_free(chunks)
-        mtmd.mtmd_bitmap_free(bitmap)
-        mtmd.mtmd_free(ctx)
-        llm.close()
-    return layout, logits
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -204,18 +154,12 @@ def test_image_text_logits_match_hf(hf, gguf_files, family):
     with torch.no_grad():
         want = model(**inputs).logits[0, -1].numpy()
 
-    placeholder, replacement = PLACEHOLDER[family]
-    assert placeholder in text
-    mt_text = text.replace(placeholder, replacement.format(m=mtmd.mtmd_default_marker().decode()))
-    layout, got = _mtmd_last_logits(gguf_files(family), mt_text, img, want.shape[0])
-
+    paths = gguf_files(family)
+    layout, got = image_text_last_logits(paths["model"], paths["mmproj"], mtmd_prompt(family, text), img)
+    assert got.shape == want.shape
     # same prompt on both sides: every text token equal, image spans of the same length
-    cfg = model.config
-    image_ids = {getattr(cfg, "image_token_id", None), getattr(cfg, "image_token_index", None),
-                 processor.tokenizer.convert_tokens_to_ids("[IMG_BREAK]") if family in ("pixtral", "mistral3", "mistral3_small") else None}
-    hf_layout = [-1 if t in image_ids else t for t in inputs["input_ids"][0].tolist()]
-    assert layout == hf_layout
-    assert _rel(got, want) < 5e-3, _rel(got, want)
+    assert layout == hf_image_layout(family, model, processor, inputs["input_ids"][0].tolist())
+    assert rel_err(got, want) < 5e-3, rel_err(got, want)
     assert got.argmax() == want.argmax()
 
 

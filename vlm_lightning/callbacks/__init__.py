@@ -1,7 +1,7 @@
-"""Lightning callbacks: LoRA merge, GGUF export, OCR scoring. Imported lazily (each pulls in its own deps)."""
+"""Lightning callbacks: adapter saving, LoRA merge, GGUF export, OCR scoring. Imported lazily (each pulls in its own deps)."""
 from __future__ import annotations
 
-_EXPORTS = {"MergeLoRA": ".merge", "GGUFExport": ".gguf", "OCRMetrics": ".ocr"}
+_EXPORTS = {"MergeLoRA": ".merge", "GGUFExport": ".gguf", "OCRMetrics": ".ocr", "SaveAdapter": ".adapter"}
 __all__ = list(_EXPORTS)
 
 
