@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   -> creates .venv, installs, fine-tunes a tiny VLM on the bundled OCR set on the CPU
+#   make demo   -> creates .venv, installs, fine-tunes a tiny VLM on the bundled OCR set on the CPU, exports GGUF
 #   make test   -> creates .venv, installs (with test extras), runs the CPU test-suite (what .ci/run calls)
 PY ?= python3
 VENV := .venv
@@ -24,8 +24,13 @@ $(TESTX): $(BASE)
 
 install: $(BASE)
 
+# The demo is the real workflow in miniature: fit (writes runs/demo/checkpoints/last.ckpt), merge the checkpoint
+# into a model folder, export GGUF + mmproj, and read validation images back through llama.cpp if installed.
 demo: $(BASE)
 	$(BIN)/vlm-lightning fit --config recipes/demo/ocr_cpu.yaml
+	$(BIN)/vlm-lightning export merge --checkpoint runs/demo/checkpoints/last.ckpt --out runs/demo/merged
+	$(BIN)/vlm-lightning export gguf --checkpoint runs/demo/merged --out runs/demo/gguf
+	$(BIN)/python -m vlm_lightning.demo_llama_cpp --gguf runs/demo/gguf --val runs/demo/data/val.jsonl
 
 test: $(TESTX)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not cuda" --timeout=900 tests

@@ -20,6 +20,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 from vlm_lightning.data import VisionChatDataModule
+from vlm_lightning.data.demo import PROMPT as DEMO_PROMPT
 
 # name -> "module:function(argv) -> exit code"; commands that are not LightningCLI subcommands
 EXTRA_COMMANDS = {"export": "vlm_lightning.export.cli:export_main"}
@@ -36,6 +37,8 @@ class DemoOCRData:
     seed: int = 0
     num_digits: int | None = None
     layout: str = "random"
+    prompt: str = DEMO_PROMPT
+    image_last: bool = False
 
 
 class VLMLightningCLI(LightningCLI):
@@ -55,7 +58,8 @@ class VLMLightningCLI(LightningCLI):
             from vlm_lightning.data.demo import make_demo_ocr_dataset
 
             make_demo_ocr_dataset(demo.root, n_train=demo.n_train, n_val=demo.n_val, seed=demo.seed,
-                                  num_digits=demo.num_digits, layout=demo.layout)
+                                  num_digits=demo.num_digits, layout=demo.layout, prompt=demo.prompt,
+                                  image_last=demo.image_last)
         path = config.model.init_args.get("model_name_or_path")
         if path is not None:
             resolved = resolve_model_path(path)  # tiny:<name> -> a built directory; anything else unchanged

@@ -63,16 +63,20 @@ def _strings(n: int, rng: random.Random, exclude: set[str]) -> list[str]:
 
 
 def make_demo_ocr_dataset(root: str | Path, n_train: int = 64, n_val: int = 16, seed: int = 0,
-                          num_digits: int | None = None, layout: str = "random") -> dict[str, Path]:
+                          num_digits: int | None = None, layout: str = "random", prompt: str = PROMPT,
+                          image_last: bool = False) -> dict[str, Path]:
     """Write (once) and return ``{"train": root/train.jsonl, "val": root/val.jsonl}``.
 
-    Deterministic for a given ``(n_train, n_val, seed, num_digits, layout)``; an existing folder made with
+    Deterministic for a given ``(n_train, n_val, seed, num_digits, layout, prompt, image_last)``; a folder made with
     the same settings is reused. Train and val strings are disjoint.
 
     ``num_digits=None`` draws strings of 2-4 digits, each string used once. ``num_digits=k`` uses the 10**k
     strings of exactly k digits: ``n_val`` of them are held out for validation, and the ``n_train`` training
     images are drawn (with repeats, each rendered afresh) from the rest, so validation measures reading
     digit by digit, never a memorised string or image.
+
+    ``prompt`` is the user's question (it never holds the answer); ``image_last=True`` puts the image after
+    it, right before the answer (the CPU demo: "Read." then the image).
 
     Example:
         >>> paths = make_demo_ocr_dataset("/tmp/demo_ocr", n_train=32, n_val=8)
@@ -86,6 +90,8 @@ def make_demo_ocr_dataset(root: str | Path, n_train: int = 64, n_val: int = 16, 
     settings = {"version": _VERSION, "n_train": n_train, "n_val": n_val, "seed": seed}
     if num_digits is not None or layout != "random":
         settings.update(num_digits=num_digits, layout=layout)
+    if prompt != PROMPT or image_last:
+        settings.update(prompt=prompt, image_last=image_last)
     if stamp.exists() and all(p.exists() for p in paths.values()):
         try:
             if json.loads(stamp.read_text()) == settings:
@@ -110,9 +116,10 @@ def make_demo_ocr_dataset(root: str | Path, n_train: int = 64, n_val: int = 16, 
             for i, s in enumerate(strings):
                 rel = f"{split}/{i:05d}.png"
                 render_digits(s, split_rng, layout=layout).save(root / rel)
+                user = [{"type": "image", "image": rel}, {"type": "text", "text": prompt}]
                 row = {
                     "messages": [
-                        {"role": "user", "content": [{"type": "image", "image": rel}, {"type": "text", "text": PROMPT}]},
+                        {"role": "user", "content": user[::-1] if image_last else user},
                         {"role": "assistant", "content": [{"type": "text", "text": s}]},
                     ]
                 }

@@ -18,12 +18,13 @@ Example:
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -44,14 +45,33 @@ _DEMO_QWEN_L = {
                     "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]}},
     "vision_config": {"depth": 2, "embed_dim": 128, "hidden_size": 192, "num_heads": 4, "mlp_ratio": 2},
 }
-#: Named tiny models for ``tiny:<name>``: (family, make_tiny_vlm overrides, split digits). The OCR demo's
-#: models are small Qwen2-VLs that learn the bundled OCR set from scratch on 2 CPU cores. Their tokenizer
-#: splits numbers into single digits, as the real Qwen2 / Llama / Mistral / Gemma tokenizers do (the test
-#: fixtures' byte-level BPE merges digit runs, e.g. "0171" -> "01", "7", "1").
-TINY_PRESETS: dict[str, tuple[str, dict[str, Any], bool]] = {
-    "ocr_demo": ("qwen2_vl", _DEMO_QWEN, True),
-    "ocr_demo_l": ("qwen2_vl", _DEMO_QWEN_L, True),
+
+
+class TinyPreset(NamedTuple):
+    """A named tiny model for ``tiny:<name>``: ``make_tiny_vlm(family, **overrides, chat_template=...)``,
+    then, with ``split_digits``, a tokenizer that splits numbers into single digits."""
+
+    family: str
+    overrides: dict[str, Any]
+    split_digits: bool = False
+    chat_template: str | None = None  # an attribute name in vlm_lightning.testing.chat_templates
+
+
+#: The OCR demo's models are small Qwen2-VLs that learn the bundled OCR set from scratch on 2 CPU cores.
+#: Their tokenizer splits numbers into single digits, as the real Qwen2 / Llama / Mistral / Gemma tokenizers
+#: do (the test fixtures' byte-level BPE merges digit runs, e.g. "0171" -> "01", "7", "1"), and their chat
+#: template has no default system turn, so the demo's rows are short.
+TINY_PRESETS: dict[str, TinyPreset] = {
+    "ocr_demo": TinyPreset("qwen2_vl", _DEMO_QWEN, True, "QWEN2_VL_NO_DEFAULT_SYSTEM"),
+    "ocr_demo_l": TinyPreset("qwen2_vl", _DEMO_QWEN_L, True, "QWEN2_VL_NO_DEFAULT_SYSTEM"),
 }
+
+
+_PRESET_STAMP = "tiny_preset.json"
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.exists() else None
 
 
 def split_digits(model_dir: str | os.PathLike) -> None:
@@ -85,33 +105,41 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     spec = str(name_or_path)
     if not spec.startswith(TINY_SCHEME):
         return spec
-    from vlm_lightning.testing import TINY_FAMILIES, make_tiny_vlm
+    from vlm_lightning.testing import TINY_FAMILIES, chat_templates, make_tiny_vlm
 
     name, _, where = spec[len(TINY_SCHEME):].partition("@")
-    digits = False
     if name in TINY_PRESETS:
-        family, overrides, digits = TINY_PRESETS[name]
+        preset = TINY_PRESETS[name]
     elif name in TINY_FAMILIES:
-        family, overrides = name, {}
+        preset = TinyPreset(name, {})
     else:
         raise ValueError(f"model_name_or_path={spec!r}: unknown tiny model {name!r}; "
                          f"use a family {sorted(TINY_FAMILIES)} or a preset {sorted(TINY_PRESETS)}")
     root = Path(os.environ.get("VLM_LIGHTNING_TINY_DIR", "runs/tiny"))
     target = Path(where) if where else root / name
+    # a preset's folder records what it was built from, so a folder left by an older preset is rebuilt
+    stamp = json.dumps({"preset": name, **preset._asdict()}, sort_keys=True) if name in TINY_PRESETS else None
     if (target / "config.json").exists():
-        return str(target)
+        if stamp is None or _read(target / _PRESET_STAMP) == stamp:
+            return str(target)
+        log.warning("%s was built from an older %r preset: rebuilding it", target, name)
+        shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        make_tiny_vlm(family, tmp / "model", seed=0, **overrides)  # same seed: same model everywhere
-        if digits:
+        template = getattr(chat_templates, preset.chat_template) if preset.chat_template else None
+        # same seed: same model everywhere
+        make_tiny_vlm(preset.family, tmp / "model", seed=0, chat_template=template, **preset.overrides)
+        if preset.split_digits:
             split_digits(tmp / "model")
+        if stamp is not None:
+            (tmp / "model" / _PRESET_STAMP).write_text(stamp)
         try:
             os.replace(tmp / "model", target)
         except OSError:  # another process won the race
             if not (target / "config.json").exists():
                 raise
-        log.info("built tiny %s model %r in %s", family, name, target)
+        log.info("built tiny %s model %r in %s", preset.family, name, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)

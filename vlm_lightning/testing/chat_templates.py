@@ -27,6 +27,13 @@ QWEN2_VL = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# The CPU OCR demo's variant (``tiny:ocr_demo``): the same template without the default system turn, so a
+# demo row is about 30 tokens instead of 80 and the training compute goes to the image and the answer.
+QWEN2_VL_NO_DEFAULT_SYSTEM = QWEN2_VL.replace(
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}", "")
+assert QWEN2_VL_NO_DEFAULT_SYSTEM != QWEN2_VL
+
 # llava-hf/llava-v1.6-vicuna-7b-hf: Vicuna v1 "USER: <image>\n... ASSISTANT:" turns. Images of a turn
 # come first, then its text. Vicuna ends an assistant turn with </s> (its sep2), which we keep so the
 # end-of-turn token is trained; the system prompt, if any, opens the conversation.

@@ -337,6 +337,7 @@ def make_tiny_vlm(
     *,
     seed: int = 0,
     processor_kwargs: dict | None = None,
+    chat_template: str | None = None,
     **config_overrides: Any,
 ) -> Path:
     """Write a tiny random-weight VLM of `family` to `path` and return the path.
@@ -348,6 +349,8 @@ def make_tiny_vlm(
         processor_kwargs: Qwen only: `min_pixels` / `max_pixels` of the image processor. The other
             families size images from `vision_config={"image_size": N}` (LLaVA-NeXT tile side, Gemma 3
             input side, Pixtral / Mistral3 longest edge). Unused keys raise.
+        chat_template: replaces the family's template in the processor and tokenizer (the CPU demo uses
+            `chat_templates.QWEN2_VL_NO_DEFAULT_SYSTEM`); None keeps the family's own.
         **config_overrides: merged into the model config dict before it is built; nested
             `text_config=` / `vision_config=` dicts merge key by key, e.g.
             `make_tiny_vlm("qwen2_vl", d, text_config={"hidden_size": 128, "num_hidden_layers": 4})`.
@@ -368,6 +371,9 @@ def make_tiny_vlm(
     built = _BUILDERS[family](family, dict(config_overrides), processor_kwargs)
     if processor_kwargs:  # each builder pops the keys it uses
         raise ValueError(f"processor_kwargs {sorted(processor_kwargs)} are not used by family {family!r}")
+    if chat_template is not None:
+        built.processor.chat_template = chat_template
+        built.processor.tokenizer.chat_template = chat_template
 
     # Family-dependent stream: two families of the same shape (mistral3 / mistral3_small) get different weights.
     torch.manual_seed(seed * 1_000_003 + zlib.crc32(family.encode()) % 1_000_003)
