@@ -47,6 +47,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Iterable
@@ -55,7 +56,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, Strategy
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -338,6 +339,23 @@ class VisionFSDPStrategy(FSDPStrategy):
         return super().lightning_module_state_dict()
 
 
+class VisionDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's ``DeepSpeedStrategy`` (ZeRO stage 2 or 3) for modules that load a Hugging Face model in
+    ``configure_model``. Needs the ``deepspeed`` package.
+
+    Lightning runs ``configure_model`` under ``deepspeed.zero.Init`` for stage 3, which partitions every
+    parameter as soon as its module is built; ``from_pretrained`` then initialises and loads weights into
+    empty partitions (``IndexError: index ... is out of bounds for dimension 0 with size 0``). Here the model
+    is built whole and ``deepspeed.initialize`` partitions it (ZeRO-3 converts parameters made outside
+    ``zero.Init``): each rank holds the full 16-bit model while it loads, as with ``VisionFSDPStrategy``.
+    Stage 2 is unchanged (it never used ``zero.Init``).
+    """
+
+    def model_sharded_context(self):
+        self._init_config_if_needed()
+        return contextlib.nullcontext()
+
+
 def _norm_clipping_fsdp_precision(plugin: Any, strategy: VisionFSDPStrategy) -> Any:
     """An ``FSDPPrecision`` that clips by norm through the root FSDP module (``clip_grad_norm_``: the norm
     over every rank's shard). Lightning's own refuses ("`gradient_clip_algorithm='norm'` is currently not
@@ -474,9 +492,7 @@ def make_strategy(name: str = "ddp", **kwargs: Any) -> Strategy:
         except ImportError as err:
             raise ImportError(f"strategy {name!r} needs the `deepspeed` package (pip install deepspeed, with a CUDA "
                               "toolkit matching torch); it is not installed. Use 'ddp' or 'fsdp' instead.") from err
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        return DeepSpeedStrategy(stage=int(name[-1]), **kwargs)
+        return VisionDeepSpeedStrategy(stage=int(name[-1]), **kwargs)
     raise ValueError(f"strategy name {name!r}: use one of {', '.join(STRATEGY_NAMES)}")
 
 
@@ -702,7 +718,8 @@ def exportable_source(trainer: Any, pl_module: nn.Module, scratch_dir: str | Pat
 
 
 __all__ = [
-    "LayerWrapPolicy", "STRATEGY_NAMES", "VisionDDPStrategy", "VisionFSDPStrategy", "batch_has_images",
+    "LayerWrapPolicy", "STRATEGY_NAMES", "VisionDDPStrategy", "VisionDeepSpeedStrategy", "VisionFSDPStrategy",
+    "batch_has_images",
     "check_module_strategy", "clean_parameter_name", "clip_sharded_grad_norm_", "exportable_source",
     "gather_full_state_dict", "layer_class_names", "make_strategy", "run_unsharded", "save_adapter_gathered",
     "shards_parameters", "validate_strategy_for_quantization", "vision_parameters_trainable",
