@@ -3,6 +3,7 @@ TensorBoard loggers, ModelCheckpoint(monitor="val/cer") and EarlyStopping readin
 from __future__ import annotations
 
 import json
+import pathlib
 
 import pytest
 import torch
@@ -98,6 +99,9 @@ def test_fit_logs_ocr_metrics(tiny_vlm_dir, tmp_path, demo_paths, eval_for_gener
     # predictions jsonl: one line per scored row with prediction, reference and per-row CER
     lines = [json.loads(x) for x in ocr.last_predictions_file.read_text().splitlines()]
     assert len(lines) == n_rows
+    # under the logger's folder, never the working directory
+    assert ocr.last_predictions_file.parent == pathlib.Path(trainer.log_dir) / "predictions"
+    assert ocr.last_predictions_file.resolve().is_relative_to(tmp_path.resolve())
     assert {"row_index", "prediction", "reference", "cer", "answers", "vqa_acc"} <= set(lines[0])
     recomputed = score_predictions([r["prediction"] for r in lines], [r["reference"] for r in lines],
                                    [r["answers"] for r in lines])

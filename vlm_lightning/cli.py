@@ -66,6 +66,21 @@ class VLMLightningCLI(LightningCLI):
             config.model.init_args.model_name_or_path = resolved
             config.data.model_name_or_path = resolved
 
+    def instantiate_trainer(self, **kwargs):
+        """The Trainer, with every ``ModelCheckpoint`` that names no ``dirpath`` writing to
+        ``<default_root_dir>/checkpoints``: one fixed place per run folder, so ``--ckpt_path last`` finds the
+        previous run's ``last.ckpt`` (Lightning's default, ``<logger dir>/version_N/checkpoints``, moves with
+        every new logger version, and ``last`` then silently starts from scratch)."""
+        import os
+
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        trainer = super().instantiate_trainer(**kwargs)
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                callback.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+        return trainer
+
 
 def cli_main(args=None, run: bool = True) -> VLMLightningCLI:
     """Build the LightningCLI (any LightningModule via ``model.class_path``; the data is VisionChatDataModule).
