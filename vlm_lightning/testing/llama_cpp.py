@@ -74,7 +74,7 @@ def image_text_last_logits(model_path: str | Path, mmproj_path: str | Path, text
     llm = open_llama(model_path, n_ctx=n_ctx)
     params = mtmd.mtmd_context_params_default()
     params.use_gpu = False
-    params.n_threads = 2
+    params.n_threads = 1  # one thread: a NaN once came out of a 2-thread Pixtral image encode on a loaded machine
     params.print_timings = False
     params.warmup = False
     ctx = mtmd.mtmd_init_from_file(str(mmproj_path).encode(), llm.model, params)
