@@ -240,15 +240,7 @@ def test_gguf_from_the_fit_reads_back_in_llama_cpp(fitted, family, tmp_path):
     pytest.importorskip("llama_cpp")
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from vlm_lightning.testing.llama_cpp import (
-        IMAGE_SIZE,
-        hf_image_layout,
-        image_text_last_logits,
-        mtmd_prompt,
-        open_llama,
-        rel_err,
-        text_logits,
-    )
+    from vlm_lightning.testing.llama_cpp import IMAGE_SIZE, hf_image_layout, mtmd_prompt, rel_err
 
     run = fitted(family, "lora_sft")
     merged_dir = run.merged("ckpt")
@@ -262,25 +254,27 @@ def test_gguf_from_the_fit_reads_back_in_llama_cpp(fitted, family, tmp_path):
     text = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Total: 1,234.56"}]}],
                                          add_generation_prompt=True, tokenize=False)
     ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        want = model(input_ids=torch.tensor([ids])).logits[0].numpy()
-    llm = open_llama(model_gguf, logits_all=True)
-    try:
-        got = text_logits(llm, ids)
-    finally:
-        llm.close()
-    assert rel_err(got, want) < 5e-3, rel_err(got, want)
-
     w, h = IMAGE_SIZE[family]
     img = Image.fromarray(np.random.default_rng(2).integers(0, 255, (h, w, 3), dtype=np.uint8))
-    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read."}]}],
-                                         add_generation_prompt=True, tokenize=False)
-    inputs = processor(text=[text], images=[img], return_tensors="pt", add_special_tokens=False)
+    img.save(tmp_path / "image.png")
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read."}]}],
+                                           add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[prompt], images=[img], return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
-        want = model(**inputs).logits[0, -1].numpy()
-    layout, got = image_text_last_logits(model_gguf, mmproj, mtmd_prompt(family, text), img)
-    assert layout == hf_image_layout(family, model, processor, inputs["input_ids"][0].tolist())
-    assert rel_err(got, want) < 5e-3, rel_err(got, want)
+        want_text = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+        want_last = model(**inputs).logits[0, -1].numpy()
+
+    # llama.cpp reads the files in a process of its own, as a consumer would
+    (tmp_path / "ids.json").write_text(json.dumps(ids))
+    (tmp_path / "prompt.txt").write_text(mtmd_prompt(family, prompt))
+    proc = subprocess.run([sys.executable, "-m", "vlm_lightning.testing.llama_cpp", str(model_gguf), str(mmproj),
+                           str(tmp_path / "ids.json"), str(tmp_path / "prompt.txt"), str(tmp_path / "image.png"),
+                           str(tmp_path / "llama.npz")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(tmp_path / "llama.npz")
+    assert rel_err(got["text_logits"], want_text) < 5e-3, rel_err(got["text_logits"], want_text)
+    assert got["layout"].tolist() == hf_image_layout(family, model, processor, inputs["input_ids"][0].tolist())
+    assert rel_err(got["last_logits"], want_last) < 5e-3, rel_err(got["last_logits"], want_last)
 
 
 # --------------------------------------------------------------------------------------------- resume

@@ -121,3 +121,25 @@ def hf_image_layout(family: str, model, processor, input_ids) -> list[int]:
     if family in ("pixtral", "mistral3", "mistral3_small"):
         image_ids.add(processor.tokenizer.convert_tokens_to_ids("[IMG_BREAK]"))
     return [-1 if t in image_ids else t for t in input_ids]
+
+
+def read_back(model_path: str | Path, mmproj_path: str | Path, ids: list[int], text: str, image_path: str | Path,
+              out_path: str | Path) -> None:
+    """Text logits of ``ids`` and image+text last logits of ``text`` + the image, saved to ``out_path`` (.npz):
+    what ``python -m vlm_lightning.testing.llama_cpp`` runs, so a test can read an export in a process of its
+    own, as a consumer does (llama.cpp then starts from a clean heap)."""
+    llm = open_llama(model_path, logits_all=True)
+    try:
+        text_out = text_logits(llm, ids)
+    finally:
+        llm.close()
+    layout, last = image_text_last_logits(model_path, mmproj_path, text, Image.open(image_path))
+    np.savez(out_path, text_logits=text_out, layout=np.array(layout), last_logits=last)
+
+
+if __name__ == "__main__":  # python -m vlm_lightning.testing.llama_cpp MODEL MMPROJ IDS_JSON TEXT_FILE IMAGE OUT
+    import json
+    import sys
+
+    model, mmproj, ids_json, text_file, image, out = sys.argv[1:7]
+    read_back(model, mmproj, json.loads(Path(ids_json).read_text()), Path(text_file).read_text(), image, out)
