@@ -24,7 +24,7 @@ class DemoReport(L.Callback):
         num_examples: predictions shown from the last validation.
         save_adapter_to: when set, ``pl_module.save_adapter(dir)`` at the end of ``fit`` (the full model for
             ``lora: false``), so the run ends with something to load.
-        torch_threads: ``torch.set_num_threads`` when fit starts (None: leave it). The CPU demo uses 1: on 2 cores
+        torch_threads: ``torch.set_num_threads`` at setup (None: leave it). The CPU demo uses 1: on 2 cores
             shared with other work, 2 intra-op threads (torch's default there) measured 2,100-2,650 ms a step
             against 350-450 ms for 1 (machine load 4-5), and the data loader's worker has the other core.
     """
