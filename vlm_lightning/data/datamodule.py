@@ -14,11 +14,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from .collate import OverlongRowError, VisionChatCollator
 from .formats import DEFAULT_INSTRUCTION, FormatOptions, RowFormatError, count_images, normalize_row
 from .images import ImageLoadError
+from .sampling import ResumableLoader, ResumableSampler, resume_position
 
 log = logging.getLogger(__name__)
 
@@ -445,12 +446,12 @@ class VisionChatDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = ResumableSampler(self.datasets["train"], num_replicas=world, rank=rank, seed=self.seed)
-        done, data_epoch = _resume_position(trainer, -(-len(sampler) // self.batch_size))
+        done, data_epoch = resume_position(trainer, -(-len(sampler) // self.batch_size))
         if done:
             sampler.start = done * self.batch_size
             sampler.epoch_offset = data_epoch - trainer.current_epoch
             sampler.set_epoch(trainer.current_epoch)
-        return _ResumableLoader(
+        return ResumableLoader(
             self.datasets["train"], batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
             collate_fn=self.collator(self.train_for_generation), persistent_workers=self.num_workers > 0,
         )
@@ -474,53 +475,6 @@ class VisionChatDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.num_skipped = dict(state_dict.get("num_skipped", {}))
-
-
-class ResumableSampler(DistributedSampler):
-    """``DistributedSampler`` (a permutation seeded by ``seed + epoch``, this rank's slice; Lightning calls
-    ``set_epoch``) whose next epoch can begin ``start`` samples in: a run resumed from a mid-epoch checkpoint
-    then sees exactly the batches the uninterrupted run would have. ``len`` stays the whole epoch, so the
-    trainer's batch count (restored from the checkpoint) and the epoch's end agree.
-
-    ``epoch_offset`` maps the trainer's epoch number to the data's: a checkpoint written when ``max_steps``
-    stops a run inside an epoch records that epoch as finished, so the resumed trainer counts one epoch ahead
-    of the permutation it is still in.
-    """
-
-    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
-        self.start = 0
-        self.epoch_offset = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch + self.epoch_offset)
-
-    def __iter__(self):
-        indices = list(super().__iter__())
-        start, self.start = self.start, 0  # only the first epoch after a restart is cut
-        return iter(indices[start:])
-
-
-class _ResumableLoader(DataLoader):
-    """A DataLoader that Lightning treats as resumable (``state_dict``/``load_state_dict``): its position is
-    not stored here but re-derived from the trainer's restored batch progress (``ResumableSampler.start``)."""
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        pass
-
-
-def _resume_position(trainer, n_batches: int) -> tuple[int, int]:
-    """(train batches already trained on, the data epoch they belong to) when ``fit`` restarts from a
-    checkpoint written inside an epoch of ``n_batches`` batches; (0, 0) otherwise."""
-    if trainer is None or not getattr(trainer.fit_loop, "restarting", False):
-        return 0, 0
-    done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-    if not 0 < done < n_batches:
-        return 0, 0
-    return done, max(trainer.fit_loop.epoch_progress.current.started - 1, 0)
 
 
 def build_processor(name_or_path: str, min_pixels: int | None = None, max_pixels: int | None = None,
