@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -272,3 +273,17 @@ def test_export_layer_does_not_import_the_modules():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_deepspeed_checkpoint_folder_is_recognised(tmp_path, capsys, monkeypatch):
+    """A DeepSpeed strategy writes `last.ckpt` as a folder of ZeRO shards. Export reads it directly (consolidated
+    by Lightning's converter; run on the GPU by benchmarks/e2e_gpu.sh's strategies stage). Without the
+    `deepspeed` package the error names the folder and the package, and the CLI exits 2 with nothing written."""
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # absent, as on the CI machine
+    folder = tmp_path / "last.ckpt"
+    (folder / "checkpoint").mkdir(parents=True)
+    (folder / "latest").write_text("checkpoint")
+    rc = export_main(["merge", "--checkpoint", str(folder), "--out", str(tmp_path / "merged")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "DeepSpeed checkpoint folder" in err and "deepspeed" in err and str(folder) in err
+    assert not (tmp_path / "merged").exists()

@@ -106,6 +106,10 @@ def resolve_source(obj, base_name_or_path: str | None = None, processor=None) ->
     return src
 
 
+def _is_deepspeed_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "checkpoint").is_dir() and not (path / ADAPTER_CONFIG).is_file()
+
+
 def _resolve(obj, base_name_or_path: str | None, processor) -> ExportSource:
     inner = getattr(obj, "model", None)
     if _is_peft_model(obj):
@@ -118,14 +122,15 @@ def _resolve(obj, base_name_or_path: str | None, processor) -> ExportSource:
         path = Path(obj)
         if path.is_dir() and (path / ADAPTER_CONFIG).is_file():
             src = source_from_adapter_dir(path, base_name_or_path)
-        elif path.is_file() and path.suffix == ".ckpt":
+        elif (path.is_file() and path.suffix == ".ckpt") or _is_deepspeed_folder(path):
             from .checkpoint import source_from_checkpoint
 
             src = source_from_checkpoint(path, base_name_or_path)
         elif path.is_dir() and (path / "config.json").is_file():
             raise ValueError(f"{path} is a full model folder with no LoRA adapter (no {ADAPTER_CONFIG}): nothing to merge")
         else:
-            raise FileNotFoundError(f"{path}: expected an adapter folder (with {ADAPTER_CONFIG}) or a Lightning .ckpt")
+            raise FileNotFoundError(f"{path}: expected an adapter folder (with {ADAPTER_CONFIG}), a Lightning .ckpt "
+                                    "file or a DeepSpeed checkpoint folder (with checkpoint/)")
         if processor is not None:
             src.processor = processor
         return src

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import pickle
 import re
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 
 from ._source import ExportSource
 
-__all__ = ["read_export_info", "source_from_checkpoint", "strip_wrapper_names"]
+__all__ = ["is_deepspeed_checkpoint", "read_export_info", "source_from_checkpoint", "strip_wrapper_names"]
 
 _WRAPPERS = re.compile(r"(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
 
@@ -32,15 +33,40 @@ def strip_wrapper_names(key: str) -> str:
     return _WRAPPERS.sub("", key.removeprefix("model."))
 
 
-def read_export_info(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(ckpt["vlm_lightning"], ckpt["state_dict"])`` of a Lightning checkpoint; a clear error when the
-    block is missing (a checkpoint not written by this package's modules)."""
+def is_deepspeed_checkpoint(path: str | Path) -> bool:
+    """A DeepSpeed strategy writes ``last.ckpt`` as a folder: ``latest`` (the tag) and ``checkpoint/`` shards."""
     path = Path(path)
-    try:  # what Lightning itself resumes with; the block and state dict are plain types and tensors
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:  # other entries (callback state) hold objects: the user's own file
-        warnings.warn(f"{path}: not loadable with weights_only=True, loading it fully", stacklevel=2)
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
+    return path.is_dir() and (path / "checkpoint").is_dir() and not (path / "adapter_config.json").is_file()
+
+
+def _consolidate_deepspeed(path: Path) -> dict:
+    """The ZeRO shards of a DeepSpeed checkpoint folder gathered into one Lightning checkpoint dict (in a
+    temporary file, removed after reading), by Lightning's own ``convert_zero_checkpoint_to_fp32_state_dict``;
+    the ``vlm_lightning`` block travels in its client state."""
+    try:
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+        import deepspeed  # noqa: F401  # optional dependency: only DeepSpeed checkpoints need it
+    except ImportError as err:
+        raise ImportError(f"{path} is a DeepSpeed checkpoint folder; reading it needs the `deepspeed` package "
+                          "(pip install deepspeed), as training with it did") from err
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "consolidated.ckpt"
+        convert_zero_checkpoint_to_fp32_state_dict(str(path), str(out))
+        return torch.load(str(out), map_location="cpu", weights_only=False)
+
+
+def read_export_info(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(ckpt["vlm_lightning"], ckpt["state_dict"])`` of a Lightning checkpoint (a ``.ckpt`` file, or the folder
+    a DeepSpeed strategy writes); a clear error when the block is missing (not written by this package)."""
+    path = Path(path)
+    if is_deepspeed_checkpoint(path):
+        ckpt = _consolidate_deepspeed(path)
+    else:
+        try:  # what Lightning itself resumes with; the block and state dict are plain types and tensors
+            ckpt = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError:  # other entries (callback state) hold objects: the user's own file
+            warnings.warn(f"{path}: not loadable with weights_only=True, loading it fully", stacklevel=2)
+            ckpt = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
     info = ckpt.get("vlm_lightning") if isinstance(ckpt, dict) else None
     if not isinstance(info, dict) or not info.get("model_name_or_path"):
         raise ValueError(

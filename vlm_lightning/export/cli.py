@@ -105,7 +105,7 @@ def export_main(argv: list[str] | None = None) -> int:
     except HubUploadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
+    except (FileNotFoundError, ValueError, RuntimeError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
