@@ -20,7 +20,7 @@
 #               each followed by vlm-lightning export merge from its checkpoint (a DeepSpeed checkpoint is a
 #               folder: merged as is, and when refused after Lightning's convert_zero_checkpoint_to_fp32_state_dict)
 #               and the same per-tensor check
-#   cuda_tests  pytest -m cuda tests --deselect tests/test_kernels_cuda.py
+#   cuda_tests  pytest -m cuda tests --deselect tests/gpu/test_kernels.py
 # Knobs: E2E_STAGES ("main export strategies cuda_tests"), E2E_STRATEGIES, E2E_STEPS (20), E2E_STRAT_STEPS (4),
 # E2E_QUANTS ("q8_0 q4_k_m"), E2E_GGUF_MODE, E2E_BUDGET_S, E2E_WORK (/tmp/e2e), OUT.
 # Files in $OUT (7): e2e.jsonl (every figure), e2e.md (tables), env.txt, main.log, export.log, strategies.log,
@@ -272,7 +272,7 @@ cuda_tests_stage() {
   if [ "$TINY" = 1 ]; then
     jline '{"stage": "cuda_tests", "kind": "status", "rc": null, "skipped": "CPU dry run"}'
   else
-    run_stage cuda_tests 240 "$OUT/cuda_tests.txt" $PY -m pytest -q -m cuda tests --deselect tests/test_kernels_cuda.py \
+    run_stage cuda_tests 240 "$OUT/cuda_tests.txt" $PY -m pytest -q -m cuda tests --deselect tests/gpu/test_kernels.py \
       -p no:cacheprovider --timeout=200 -rA
     tail -3 "$OUT/cuda_tests.txt" | grep -E "passed|failed|error" | tail -1 | \
       $PY -c "import json,sys; print(json.dumps({'stage': 'cuda_tests_summary', 'summary': sys.stdin.read().strip()}))" >> "$J"

@@ -8,7 +8,7 @@ What it checks (each arm in its own process, so one failure does not hide the ne
               that PEFT loads back with the trained values, and ``merge_lora`` merges it.
   fsdp_qlora  the same with quantization=4bit and bnb_4bit_quant_storage=bfloat16 (recipes/strategies/
               fsdp_qlora.yaml), plus the refusal without the storage dtype.
-What it leaves out: more than one GPU (the CPU tests run 2 ranks with gloo: tests/test_fsdp.py), real
+What it leaves out: more than one GPU (the CPU tests run 2 ranks with gloo: tests/distributed/test_fsdp.py), real
 weights (no hub access on the device machine), speed.
 
 Run (GPU):  python benchmarks/fsdp_smoke.py --out $OUT            (~1-2 min, prints "FSDP smoke OK")

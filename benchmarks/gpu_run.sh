@@ -13,8 +13,8 @@ fi
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in
-    cuda_tests)    timeout 200 python3 -m pytest -q -m cuda tests --deselect tests/test_kernels_cuda.py -x -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/cuda_tests.txt" ;;
-    kernels_tests) timeout 170 python3 -m pytest -q -m cuda tests/test_kernels_cuda.py -s 2>&1 | tail -30 | tee "$OUT/kernels_cuda_tests.txt" ;;
+    cuda_tests)    timeout 200 python3 -m pytest -q -m cuda tests --deselect tests/gpu/test_kernels.py -x -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/cuda_tests.txt" ;;
+    kernels_tests) timeout 170 python3 -m pytest -q -m cuda tests/gpu/test_kernels.py -s 2>&1 | tail -30 | tee "$OUT/kernels_cuda_tests.txt" ;;
     kernels_bench) timeout 230 python3 benchmarks/kernels.py --budget-s 100 --jsonl "$OUT/kernels.jsonl" --md "$OUT/kernels.md" 2>&1 | tail -20 ;;
     sft_step)      timeout ${SFT_TIMEOUT:-300} python3 benchmarks/sft_step.py --out "$OUT" ${SFT_ARGS:-} 2>&1 | grep -v "Writing model\|Loading weights" | tail -25 ;;
     grpo_step)     timeout ${GRPO_TIMEOUT:-330} python3 benchmarks/grpo_step.py --out "$OUT" 2>&1 | grep -v "Writing model\|Loading weights" | tail -25 ;;

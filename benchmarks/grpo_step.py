@@ -166,7 +166,6 @@ def run_ours_arm(arm: str, args) -> dict:
 def run_grpo_arm(arm: str, args) -> dict:
     import lightning as L
     import torch
-
     from sft_step import add_processor
 
     from vlm_lightning.modules.grpo import VisionGRPOModule

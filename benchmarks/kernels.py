@@ -34,8 +34,15 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from vlm_lightning.kernels import (apply_rope, apply_rope_from_positions, fused_linear_cross_entropy,  # noqa: E402
-                                   fused_linear_token_logprobs, gated_act, layer_norm, rms_norm)
+from vlm_lightning.kernels import (  # noqa: E402
+    apply_rope,
+    apply_rope_from_positions,
+    fused_linear_cross_entropy,
+    fused_linear_token_logprobs,
+    gated_act,
+    layer_norm,
+    rms_norm,
+)
 from vlm_lightning.kernels import reference as R  # noqa: E402
 
 MODES = ("fwd", "bwd", "both")

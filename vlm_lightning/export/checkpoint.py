@@ -44,8 +44,8 @@ def _consolidate_deepspeed(path: Path) -> dict:
     temporary file, removed after reading), by Lightning's own ``convert_zero_checkpoint_to_fp32_state_dict``;
     the ``vlm_lightning`` block travels in its client state."""
     try:
-        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
         import deepspeed  # noqa: F401  # optional dependency: only DeepSpeed checkpoints need it
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
     except ImportError as err:
         raise ImportError(f"{path} is a DeepSpeed checkpoint folder; reading it needs the `deepspeed` package "
                           "(pip install deepspeed), as training with it did") from err

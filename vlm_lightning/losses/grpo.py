@@ -11,7 +11,7 @@ L2991-3150; advantages L2681-2730) so numbers can be compared line for line:
     aggregate over the completion mask M: grpo | bnpo | dr_grpo | dapo        aggregate_loss
 
 Nothing here knows about models or Lightning, so every line is unit-tested with hand-worked values
-(``tests/test_grpo_loss.py``). Example:
+(``tests/losses/test_grpo.py``). Example:
 
     >>> cfg = GRPOLossConfig(num_generations=4, loss_type="dapo", epsilon_high=0.28, beta=0.04)
     >>> adv = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)          # (B,)

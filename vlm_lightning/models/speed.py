@@ -14,7 +14,7 @@
   * ``compile_decoder_layers``: ``torch.compile`` of each decoder layer (``nn.Module.compile``, in place).
 
 ``apply_speed_levers(model, ...)`` applies the chosen ones to a (PEFT-wrapped) VLM; ``VisionSFTModule``
-calls it in ``configure_model``. Correctness: ``tests/test_sft_speed_levers.py``; speed:
+calls it in ``configure_model``. Correctness: ``tests/models/test_levers.py``; speed:
 ``benchmarks/sft_step.py`` (predictions in ``benchmarks/NOTES_sft_speed.md``).
 
 Example:

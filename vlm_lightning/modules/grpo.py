@@ -42,10 +42,11 @@ from ..losses.grpo import (
     GRPOLossConfig,
     clipped_policy_loss,
     group_advantages,
+)
+from ..losses.grpo import (
     mask_truncated_completions as _mask_truncated,
 )
 from ..rewards.base import compute_rewards, reward_name
-from .sft import VisionSFTModule
 from .grpo_rollout import (
     Completions,
     completion_logprobs,
@@ -56,6 +57,7 @@ from .grpo_rollout import (
     tile_batch,
     vision_placeholder_ids,
 )
+from .sft import VisionSFTModule
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ Loss: the mean over supervised (label != -100) tokens of the whole optimizer ste
 backpropagates ``sum of its token losses / c`` with ``c`` fixed for the accumulation window (the first
 micro-batch's token count, equal on every rank); ``on_before_optimizer_step`` then rescales the gradients by
 ``c * accumulate * world_size / total_tokens_of_the_window``. The result equals the gradient of one big batch
-holding every micro-batch of every rank, whatever their lengths (``tests/test_sft_module.py`` proves it),
+holding every micro-batch of every rank, whatever their lengths (``tests/modules/test_sft.py`` proves it),
 where a per-micro-batch mean would over-weight short batches. The loss is computed from the decoder's last
 hidden state at the supervised positions only, so the (B, T, V) logits are never materialised.
 
@@ -245,7 +245,6 @@ class VisionSFTModule(L.LightningModule):
             return
         from vlm_lightning.models.loading import load_vlm
         from vlm_lightning.models.lora import apply_lora, prepare_full_finetune
-
         from vlm_lightning.models.speed import apply_speed_levers, parse_checkpointing
 
         hp = self.hparams

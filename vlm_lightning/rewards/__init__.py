@@ -8,7 +8,15 @@ from .base import (
     normalize_text,
     reward_name,
 )
-from .builtin import CharF1Reward, ExactMatchReward, FormatReward, LengthPenalty, NumericAnswerReward, OCRReward, parse_number
+from .builtin import (
+    CharF1Reward,
+    ExactMatchReward,
+    FormatReward,
+    LengthPenalty,
+    NumericAnswerReward,
+    OCRReward,
+    parse_number,
+)
 
 __all__ = [
     "RewardError", "RewardSet", "completion_text", "compute_rewards", "extract_tag", "normalize_text", "reward_name",

@@ -1,7 +1,7 @@
 """GGUF export read back with gguf.GGUFReader: every tensor present with the right shape, values within
 the quantisation tolerance, metadata complete (architecture, rope sections, projector type, tokenizer
 with len(tokens) == token_embd rows, chat template, eos). llama.cpp itself loads the files in
-tests/test_gguf_llama_cpp.py."""
+tests/export/test_gguf_llama_cpp.py."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,6 @@ import sys
 import gguf
 import numpy as np
 import pytest
-import torch
 
 from vlm_lightning.export.gguf import to_gguf
 from vlm_lightning.export.gguf_arch import UnsupportedGGUFFamily, permute_rope, split_name

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _distributed import load_ranks, run_worker
+from tests.distributed.launch import load_ranks, run_worker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def test_fsdp_cpu_sft_shards_decoder_layers_and_gathers(tmp_path, tiny_vlm_dir):
 
     from vlm_lightning.data import VisionChatCollator
     from vlm_lightning.modules.sft import decoder_hidden_states, model_inputs, supervised_token_loss
-    from vlm_lightning.testing.ddp_worker import _rows
+    from tests.distributed.ddp_worker import _rows
 
     batch = VisionChatCollator(AutoProcessor.from_pretrained(model_dir))(_rows(True, 2, offset=7))
     hf = peft.eval().get_base_model()

@@ -289,7 +289,7 @@ def test_fused_token_logprobs_match_the_logits_path(qwen_dir):
 
 @pytest.mark.cuda
 def test_grpo_step_bf16_with_kernels_on_gpu(qwen_dir):
-    # Run on the device machine: pytest -q -m cuda tests/test_grpo_module.py
+    # Run on the device machine: pytest -q -m cuda tests/modules/test_grpo.py
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""GPU checks of the fused kernels (run on the device: `pytest -m cuda tests/test_kernels_cuda.py`).
+"""GPU checks of the fused kernels (run on the device: `pytest -m cuda tests/gpu/test_kernels.py`).
 
 Accuracy: every output and gradient against an fp64 reference, as a norm-wise relative error
 ``||ours - ref|| / ||ref||``. Stated tolerances:
@@ -18,9 +18,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlm_lightning.kernels import (apply_kernels, apply_rope, apply_rope_from_positions,
-                                   fused_linear_cross_entropy, fused_linear_token_logprobs, geglu_tanh,
-                                   layer_norm, rms_norm, swiglu)
+from vlm_lightning.kernels import (
+    apply_kernels,
+    apply_rope,
+    apply_rope_from_positions,
+    fused_linear_cross_entropy,
+    fused_linear_token_logprobs,
+    geglu_tanh,
+    layer_norm,
+    rms_norm,
+    swiglu,
+)
 from vlm_lightning.kernels import reference as R
 
 pytestmark = [pytest.mark.cuda,

@@ -8,7 +8,6 @@ so build it in CI's set-up step, not here). Skipped when it is not installed.
 """
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from vlm_lightning.models import apply_lora, get_family_spec
+from vlm_lightning.models import apply_lora
 from vlm_lightning.testing import TINY_FAMILIES
 
 LANG = r"model\.language_model\.layers\.\d+\."

@@ -14,7 +14,7 @@ import types
 
 import pytest
 import torch
-from _distributed import load_ranks, run_worker
+from tests.distributed.launch import load_ranks, run_worker
 
 from vlm_lightning.strategies import (
     LayerWrapPolicy,

@@ -13,8 +13,12 @@ import torch.nn as nn
 from transformers import AutoModelForImageTextToText
 
 from vlm_lightning.models import apply_lora
-from vlm_lightning.models.speed import (apply_speed_levers, freeze_vision_autograd, fuse_lora_forward,
-                                        parse_checkpointing)
+from vlm_lightning.models.speed import (
+    apply_speed_levers,
+    freeze_vision_autograd,
+    fuse_lora_forward,
+    parse_checkpointing,
+)
 
 FAMILY = "qwen2_5_vl"  # the benchmark's family; its projector (merger) sits inside the vision tower
 LAYERS = "base_model.model.model.language_model.layers"

@@ -1,10 +1,10 @@
 """A few training steps of VisionSFTModule / VisionGRPOModule under a multi-process strategy, dumping each
-rank's view to files that a test compares (``tests/test_ddp.py``, ``tests/test_fsdp.py``).
+rank's view to files that a test compares (``tests/distributed/test_ddp.py``, ``test_fsdp.py``).
 
 Run as a script so that Lightning's subprocess launcher can start the other ranks (it re-runs
-``python -m vlm_lightning.testing.ddp_worker <same args>`` with ``LOCAL_RANK`` set):
+``python -m tests.distributed.ddp_worker <same args>`` with ``LOCAL_RANK`` set):
 
-    python -m vlm_lightning.testing.ddp_worker --module sft --model runs/tiny/qwen2_vl --out /tmp/ddp \
+    python -m tests.distributed.ddp_worker --module sft --model runs/tiny/qwen2_vl --out /tmp/ddp \
         --strategy ddp --devices 2 --steps 3 --text-only-rank 1 --finetune-vision
 
 Every rank writes ``<out>/rank<r>.pt``: ``{"rank", "world_size", "grad_norms": [{name: float | None}] per

@@ -1,5 +1,5 @@
 """Every SFT recipe parses through the real CLI and its --print_config round-trips (the demo recipe runs end to
-end, at a reduced step count, in tests/test_demo.py)."""
+end, at a reduced step count, in tests/demo/test_demo.py)."""
 from __future__ import annotations
 
 from pathlib import Path
