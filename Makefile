@@ -1,18 +1,18 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   -> creates .venv, installs, fine-tunes a tiny VLM on the bundled OCR set on the CPU, exports GGUF
-#   make test   -> creates .venv, installs (with test extras), runs the CPU test-suite (what .ci/run calls)
+#   make test   -> creates .venv, installs (with test extras), lints, runs the CPU test-suite (what .ci/run calls)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 BASE := $(VENV)/.installed-base
 TESTX := $(VENV)/.installed-test
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 $(BASE): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip setuptools wheel
-	# torch/torchvision first, pinned to the builds on this machine's disk (pip cap): nothing big downloads.
+	# torch/torchvision first, at the versions the package is tested with (CPU builds are enough here)
 	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
 	$(BIN)/pip install -q -e .
 	touch $(BASE)
@@ -30,9 +30,12 @@ demo: $(BASE)
 	$(BIN)/vlm-lightning fit --config recipes/demo/ocr_cpu.yaml
 	$(BIN)/vlm-lightning export merge --checkpoint runs/demo/checkpoints/last.ckpt --out runs/demo/merged
 	$(BIN)/vlm-lightning export gguf --checkpoint runs/demo/merged --out runs/demo/gguf
-	$(BIN)/python -m vlm_lightning.demo_llama_cpp --gguf runs/demo/gguf --val runs/demo/data/val.jsonl
+	$(BIN)/python -m vlm_lightning.demo.ask_gguf --gguf runs/demo/gguf --val runs/demo/data/val.jsonl
 
-test: $(TESTX)
+lint: $(TESTX)
+	$(BIN)/ruff check .
+
+test: lint
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not cuda" --timeout=900 tests
 
 clean:

@@ -31,7 +31,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _rotate_heads(X, O, x_sb, x_sh, x_st, o_sb, o_sh, o_st, b, t, nmask, n_heads, c1, c2, s1, s2,
+    def _rotate_heads(X, Y, x_sb, x_sh, x_st, o_sb, o_sh, o_st, b, t, nmask, n_heads, c1, c2, s1, s2,
                       HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                       BACKWARD: tl.constexpr):
         # tile (BLOCK_T tokens, BLOCK_H heads, BLOCK_D = D/2 padded); b, t: (BLOCK_T,) int64
@@ -47,9 +47,9 @@ if HAS_TRITON:
         else:
             o1 = x1 * c1 - x2 * s1
             o2 = x2 * c2 + x1 * s2
-        op = O + (b * o_sb + t * o_st)[:, None, None] + hh * o_sh + dd
-        tl.store(op, o1.to(O.dtype.element_ty), mask=mask)
-        tl.store(op + HALF, o2.to(O.dtype.element_ty), mask=mask)
+        op = Y + (b * o_sb + t * o_st)[:, None, None] + hh * o_sh + dd
+        tl.store(op, o1.to(Y.dtype.element_ty), mask=mask)
+        tl.store(op + HALF, o2.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rope_kernel(Q, K, QO, KO, COS, SIN, POS, INV_FREQ,

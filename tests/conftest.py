@@ -1,7 +1,7 @@
 """Shared pytest fixtures.
 
 `tiny_vlm_dir(family)` builds (once per test session) a tiny random-weight VLM directory for a
-family in `vlm_lightning.testing.TINY_FAMILIES` and returns its path:
+family in `vlm_lightning.models.tiny.TINY_FAMILIES` and returns its path:
 
     def test_something(tiny_vlm_dir):
         path = tiny_vlm_dir("qwen2_vl")
@@ -22,7 +22,7 @@ def tiny_vlm_dir(tmp_path_factory) -> Callable[[str], Path]:
 
     Treat the directory as read-only: other tests share it.
     """
-    from vlm_lightning.testing import make_tiny_vlm
+    from vlm_lightning.models.tiny import make_tiny_vlm
 
     root = tmp_path_factory.mktemp("tiny_vlms")
     cache: dict[str, Path] = {}

@@ -139,7 +139,7 @@ def test_file_size(path):
 
 def test_function_local_imports_say_why():
     silent = []
-    for module, path in SOURCES.items():
+    for path in SOURCES.values():
         lines = path.read_text().splitlines()
         tree = ast.parse("\n".join(lines))
         nested = set()
@@ -161,10 +161,20 @@ OUTSIDE = ("shared/notes", "../shared", "/work/", "device machine", "device tool
 def test_nothing_points_outside_the_repository():
     hits = []
     for path in [*REPO.glob("vlm_lightning/**/*.py"), *REPO.glob("kernels/*.py"), *REPO.glob("tests/**/*.py"),
-                 *REPO.glob("benchmarks/*"), *REPO.glob("recipes/**/*.yaml"), *REPO.glob("docs/*.md"),
+                 *REPO.glob("benchmarks/**/*"), *REPO.glob("recipes/**/*.yaml"), *REPO.glob("docs/*.md"),
                  REPO / "README.md", REPO / "Makefile", REPO / "pyproject.toml"]:
         if not path.is_file() or path == Path(__file__).resolve():
             continue
         for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
             hits += [f"{path.relative_to(REPO)}:{i}: {word!r}" for word in OUTSIDE if word in line]
     assert not hits, "references to places outside the repository:\n" + "\n".join(hits)
+
+
+def test_every_package_is_installed():
+    """pyproject's explicit package list (needed for the kernels/ -> vlm_lightning.kernels mapping) names every
+    package folder, so a wheel install holds all of them."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "vlm_lightning").rglob("__init__.py")}
+    assert found | {"vlm_lightning.kernels"} == listed

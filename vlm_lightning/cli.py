@@ -8,37 +8,25 @@
 The model path is written once, at ``model.init_args.model_name_or_path``; it is linked to
 ``data.model_name_or_path`` so the data module builds the matching processor. Before anything is
 instantiated the CLI prepares what a recipe asks for: ``demo_data`` (the synthetic OCR set, written once)
-and ``tiny:<name>[@<dir>]`` model paths (a tiny model built once, see ``vlm_lightning.models.loading``).
+and ``tiny:<name>[@<dir>]`` model paths (a tiny model built once, see ``vlm_lightning.models.tiny``).
 """
 from __future__ import annotations
 
 import importlib
+import os
 import sys
-from dataclasses import dataclass
 
 from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+import vlm_lightning.distributed  # noqa: F401  registers vision_ddp, vision_fsdp, ... as Trainer(strategy=...) names
 from vlm_lightning.data import VisionChatDataModule
-from vlm_lightning.data.demo import PROMPT as DEMO_PROMPT
+from vlm_lightning.demo.data import DemoOCRData, write_demo_data
+from vlm_lightning.models.tiny import resolve_model_path
 
 # name -> "module:function(argv) -> exit code"; commands that are not LightningCLI subcommands
 EXTRA_COMMANDS = {"export": "vlm_lightning.export.cli:export_main"}
-
-
-@dataclass
-class DemoOCRData:
-    """The bundled synthetic OCR set (``vlm_lightning.data.demo.make_demo_ocr_dataset``), written on first use
-    into ``root`` as ``train.jsonl`` / ``val.jsonl`` (validation strings never appear in training)."""
-
-    root: str = "runs/demo/data"
-    n_train: int = 2000
-    n_val: int = 64
-    seed: int = 0
-    num_digits: int | None = None
-    layout: str = "random"
-    prompt: str = DEMO_PROMPT
-    image_last: bool = False
 
 
 class VLMLightningCLI(LightningCLI):
@@ -50,16 +38,10 @@ class VLMLightningCLI(LightningCLI):
                             help="write the bundled synthetic OCR set before training (see DemoOCRData)")
 
     def before_instantiate_classes(self) -> None:
-        from vlm_lightning.models.loading import resolve_model_path
-
         config = self.config[self.subcommand] if self.subcommand else self.config
         demo = config.get("demo_data")
         if demo is not None:
-            from vlm_lightning.data.demo import make_demo_ocr_dataset
-
-            make_demo_ocr_dataset(demo.root, n_train=demo.n_train, n_val=demo.n_val, seed=demo.seed,
-                                  num_digits=demo.num_digits, layout=demo.layout, prompt=demo.prompt,
-                                  image_last=demo.image_last)
+            write_demo_data(demo)
         path = config.model.init_args.get("model_name_or_path")
         if path is not None:
             resolved = resolve_model_path(path)  # tiny:<name> -> a built directory; anything else unchanged
@@ -71,10 +53,6 @@ class VLMLightningCLI(LightningCLI):
         ``<default_root_dir>/checkpoints``: one fixed place per run folder, so ``--ckpt_path last`` finds the
         previous run's ``last.ckpt`` (Lightning's default, ``<logger dir>/version_N/checkpoints``, moves with
         every new logger version, and ``last`` then silently starts from scratch)."""
-        import os
-
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
         trainer = super().instantiate_trainer(**kwargs)
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:

@@ -8,38 +8,8 @@ import pathlib
 import pytest
 import torch
 
-from vlm_lightning.callbacks.ocr import OCRMetrics, TextNormalizer, score_predictions, vqa_accuracy
-
-
-def test_normalizer_options():
-    assert TextNormalizer()("  a \t\n b  ") == "a b"
-    assert TextNormalizer()("ＡＢＣ１２") == "ABC12"  # NFKC folds full-width forms
-    assert TextNormalizer(nfkc=False)("ＡＢＣ") == "ＡＢＣ"
-    assert TextNormalizer(lowercase=True, remove_punctuation=True)("Hello, World!") == "hello world"
-    assert TextNormalizer(strip=False, collapse_whitespace=False)(" a  b ") == " a  b "
-
-
-def test_scores_by_hand():
-    # "12 34" vs "12 35": 1 substitution over 5 reference characters; 1 of 2 words wrong.
-    s = score_predictions(["12 34", "abc"], ["12 35", "abc"])
-    # CER pools edits over all rows: (1 + 0) / (5 + 3)
-    assert s["cer"] == pytest.approx(1 / 8)
-    assert s["wer"] == pytest.approx(1 / 3)  # (1 + 0) / (2 + 1)
-    assert s["exact_match"] == 0.5
-    assert "vqa_acc" not in s
-    # MER = (S + D + I) / (S + D + I + hits): 1 / (1 + 2)
-    assert s["mer"] == pytest.approx(1 / 3)
-
-
-def test_vqa_accuracy():
-    assert vqa_accuracy("2", ["2", "2", "2", "3"]) == 1.0
-    assert vqa_accuracy("2", ["2", "two", "3", "4"]) == pytest.approx(1 / 3)
-    assert vqa_accuracy("cat", ["cat"]) == 1.0  # a single reference: one match is full credit
-    s = score_predictions(["Two", "x"], ["two", "y"], answers=[["two", "2", "two"], None],
-                          normalizer=TextNormalizer(lowercase=True))
-    assert s["vqa_acc"] == pytest.approx(2 / 3)  # only the row with answers counts
-    with pytest.raises(ValueError):
-        vqa_accuracy("a", [])
+from vlm_lightning.callbacks.ocr import OCRMetrics
+from vlm_lightning.metrics.text import score_predictions
 
 
 def test_max_rows_validated():
@@ -49,7 +19,7 @@ def test_max_rows_validated():
 
 @pytest.fixture(scope="module")
 def demo_paths(tmp_path_factory):
-    from vlm_lightning.data import make_demo_ocr_dataset
+    from vlm_lightning.demo.data import make_demo_ocr_dataset
 
     root = tmp_path_factory.mktemp("demo_ocr")
     paths = make_demo_ocr_dataset(root, n_train=4, n_val=6)
@@ -94,7 +64,8 @@ def test_fit_logs_ocr_metrics(tiny_vlm_dir, tmp_path, demo_paths, eval_for_gener
     for key in ("val/cer", "val/wer", "val/mer", "val/exact_match", "val/vqa_acc"):
         assert key in trainer.callback_metrics, key
     assert ckpt.best_model_path and ckpt.best_model_score is not None  # monitor="val/cer" found its value
-    assert float(ckpt.best_model_score) == pytest.approx(min(ocr.last_scores["val"]["cer"], float(ckpt.best_model_score)))
+    best = float(ckpt.best_model_score)
+    assert best == pytest.approx(min(ocr.last_scores["val"]["cer"], best))
 
     # predictions jsonl: one line per scored row with prediction, reference and per-row CER
     lines = [json.loads(x) for x in ocr.last_predictions_file.read_text().splitlines()]
@@ -154,7 +125,8 @@ def test_rows_without_datamodule(tiny_vlm_dir, tmp_path, demo_paths):
     module.configure_model()
     raw = [json.loads(x) for x in demo_paths["val"].read_text().splitlines()][:3]
     rows = normalize_rows(raw)
-    loader = DataLoader(rows, batch_size=3, collate_fn=VisionChatCollator(module.processor, base_dir=str(demo_paths["val"].parent)))
+    collate = VisionChatCollator(module.processor, base_dir=str(demo_paths["val"].parent))
+    loader = DataLoader(rows, batch_size=3, collate_fn=collate)
     ocr = OCRMetrics(max_new_tokens=2, rows=rows, batch_size=2, image_base_dir=str(demo_paths["val"].parent),
                      predictions_dir=str(tmp_path))
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,

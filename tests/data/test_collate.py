@@ -9,9 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from vlm_lightning.data import IGNORE_INDEX, FormatOptions, OverlongRowError, RowFormatError, VisionChatCollator
+from vlm_lightning.data import FormatOptions, OverlongRowError, RowFormatError, VisionChatCollator
 from vlm_lightning.data.formats import normalize_row
-from vlm_lightning.testing import TINY_FAMILIES
+from vlm_lightning.data.labels import render_chat, strip_image_refs
+from vlm_lightning.models.hf import IGNORE_INDEX
+from vlm_lightning.models.tiny import TINY_FAMILIES
 
 # End-of-turn marker each family's template closes an assistant turn with (trained as part of the answer).
 END_OF_TURN = {
@@ -47,7 +49,8 @@ def _image(w, h, color=(200, 30, 30)):
 
 def _two_turn(index=0, system="Be brief."):
     return normalize_row({"messages": [
-        {"role": "user", "content": [{"type": "image", "image": _image(112, 56)}, {"type": "text", "text": "Read it."}]},
+        {"role": "user", "content": [{"type": "image", "image": _image(112, 56)},
+                                     {"type": "text", "text": "Read it."}]},
         {"role": "assistant", "content": "42"},
         {"role": "user", "content": "And now?"},
         {"role": "assistant", "content": "Done."},
@@ -181,14 +184,8 @@ def test_generation_batch_left_padded_prompt_only(family):
     # the prompt ends exactly where the assistant's answer would start
     for prompt, row in zip(batch["prompts"], rows):
         assert "Done." not in prompt and "hello there" not in prompt
-        full = VisionChatCollator(processor)._render(_strip(row), add_generation_prompt=False)
+        full = render_chat(processor, strip_image_refs(row["messages"]), add_generation_prompt=False)
         assert full.startswith(prompt.rstrip()) or name in ("pixtral",)  # pixtral moves the system prompt
-
-
-def _strip(row):
-    from vlm_lightning.data.collate import _strip_image_refs
-
-    return _strip_image_refs(row["messages"])
 
 
 def test_left_padded_greedy_generation_matches_unbatched(family):

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vlm_lightning.data import DataCheckReport, VisionChatDataModule, make_demo_ocr_dataset
-from vlm_lightning.data.demo import PROMPT
+from vlm_lightning.data import DataCheckReport, VisionChatDataModule
+from vlm_lightning.demo.data import PROMPT, make_demo_ocr_dataset
 
 
 @pytest.fixture(scope="module")

@@ -146,7 +146,8 @@ def test_system_prompt_not_duplicated():
 @pytest.mark.parametrize(
     "row",
     [
-        {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "q"}]},
+        {"messages": [{"role": "user",
+                       "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "q"}]},
                       {"role": "assistant", "content": "a"}], "images": ["a.png"]},
         {"messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "a"}],
          "images": ["a.png", "b.png"]},

@@ -8,9 +8,9 @@ import re
 from pathlib import Path
 
 from vlm_lightning.cli import main
-from vlm_lightning.data.demo import PROMPT, make_demo_ocr_dataset
+from vlm_lightning.demo.data import PROMPT, make_demo_ocr_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes/demo/ocr_cpu.yaml"
 
 
@@ -39,7 +39,7 @@ def test_demo_rows_put_the_image_last_and_never_show_the_answer(tmp_path):
 
 def test_demo_preset_has_no_default_system_turn_and_short_rows(tmp_path):
     from vlm_lightning.data import VisionChatDataModule
-    from vlm_lightning.models.loading import resolve_model_path
+    from vlm_lightning.models.tiny import resolve_model_path
 
     model_dir = resolve_model_path(f"tiny:ocr_demo@{tmp_path / 'base'}")
     paths = make_demo_ocr_dataset(tmp_path / "data", n_train=4, n_val=2, num_digits=2, layout="fixed",
@@ -54,7 +54,7 @@ def test_demo_preset_has_no_default_system_turn_and_short_rows(tmp_path):
 
 
 def test_a_folder_built_by_an_older_preset_is_rebuilt(tmp_path):
-    from vlm_lightning.models.loading import resolve_model_path
+    from vlm_lightning.models.tiny import resolve_model_path
 
     target = tmp_path / "base"
     resolve_model_path(f"tiny:ocr_demo@{target}")
@@ -68,7 +68,7 @@ def test_demo_recipe_runs_the_whole_path(tmp_path, monkeypatch, capsys):
     """What `make demo` runs, in the same order, with 4 training steps."""
     commands = _makefile_demo_commands()
     assert commands[0] == f"vlm-lightning fit --config {RECIPE.relative_to(ROOT)}"
-    assert commands[-1].startswith("python -m vlm_lightning.demo_llama_cpp")
+    assert commands[-1].startswith("python -m vlm_lightning.demo.ask_gguf")
     monkeypatch.chdir(tmp_path)  # the recipe writes under runs/
     main(["fit", "--config", str(RECIPE), "--demo_data.n_train", "16", "--demo_data.n_val", "4",
           "--data.batch_size", "4", "--data.num_workers", "0", "--trainer.max_steps", "4",
@@ -85,10 +85,10 @@ def test_demo_recipe_runs_the_whole_path(tmp_path, monkeypatch, capsys):
     ggufs = sorted(p.name for p in (tmp_path / "runs/demo/gguf").glob("*.gguf"))
     assert ggufs == ["merged-q8_0.gguf", "mmproj-merged-f16.gguf"], ggufs
 
-    from vlm_lightning import demo_llama_cpp
+    from vlm_lightning.demo import ask_gguf
 
     capsys.readouterr()
-    assert demo_llama_cpp.main(commands[3].split()[3:]) == 0
+    assert ask_gguf.main(commands[3].split()[3:]) == 0
     out = capsys.readouterr().out
     try:
         import llama_cpp  # noqa: F401
@@ -109,8 +109,8 @@ def test_demo_tail_says_so_without_llama_cpp(monkeypatch, capsys):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_llama_cpp)
-    from vlm_lightning import demo_llama_cpp
+    from vlm_lightning.demo import ask_gguf
 
-    assert demo_llama_cpp.main(["--gguf", "nowhere"]) == 0
+    assert ask_gguf.main(["--gguf", "nowhere"]) == 0
     assert capsys.readouterr().out.count("\n") == 1
 

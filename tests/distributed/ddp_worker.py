@@ -25,6 +25,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from vlm_lightning.distributed.gather import (
+    clean_parameter_name,
+    gather_full_state_dict,
+    run_unsharded,
+    save_adapter_gathered,
+)
+from vlm_lightning.distributed.strategies import VisionDDPStrategy, VisionFSDPStrategy, batch_has_images
+
 
 def _image(seed: int) -> Image.Image:
     g = torch.Generator().manual_seed(seed)
@@ -78,8 +86,6 @@ class Recorder(L.Callback):
     def on_train_start(self, trainer, pl_module):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        from vlm_lightning.strategies import gather_full_state_dict
-
         wrapped = trainer.strategy.model  # DDP unwraps at teardown: record while wrapped
         self.wrapping = {"find_unused_parameters": getattr(wrapped, "find_unused_parameters", None),
                          "fsdp_units": sorted({type(m.module).__name__ for m in wrapped.modules()
@@ -87,13 +93,9 @@ class Recorder(L.Callback):
         self.initial = gather_full_state_dict(trainer, pl_module, trainable_only=True, rank0_only=False)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        from vlm_lightning.strategies import batch_has_images
-
         self.had_images.append(batch_has_images(batch))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        from vlm_lightning.strategies import clean_parameter_name
-
         norms = {}
         for name, p in pl_module.model.named_parameters():
             if p.requires_grad:
@@ -125,14 +127,12 @@ def build_module(args):
 
 
 def build_strategy(args):
-    from vlm_lightning.strategies import make_strategy
-
     if args.strategy == "ddp":
-        return make_strategy("ddp", process_group_backend="gloo")
+        return VisionDDPStrategy(process_group_backend="gloo")
     if args.strategy == "fsdp":
-        return make_strategy("fsdp", process_group_backend="gloo", wrap_vision_blocks=args.wrap_vision_blocks,
-                             sharding_strategy=args.sharding_strategy)
-    return make_strategy(args.strategy)
+        return VisionFSDPStrategy(process_group_backend="gloo", wrap_vision_blocks=args.wrap_vision_blocks,
+                                  sharding_strategy=args.sharding_strategy)
+    return args.strategy  # a name in Lightning's StrategyRegistry, e.g. "vision_deepspeed_stage_2"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -169,12 +169,11 @@ def main(argv: list[str] | None = None) -> None:
                          for_generation=args.module == "grpo")
     trainer.fit(module, datamodule=data)
 
-    from vlm_lightning.strategies import gather_full_state_dict, save_adapter_gathered
-
     try:
         weights = gather_full_state_dict(trainer, module, trainable_only=True, rank0_only=False)
     except Exception:  # keep what the steps recorded, for the test's failure message
-        torch.save({"rank": trainer.global_rank, "grad_norms": recorder.grad_norms}, out / f"rank{trainer.global_rank}.pt")
+        torch.save({"rank": trainer.global_rank, "grad_norms": recorder.grad_norms},
+                   out / f"rank{trainer.global_rank}.pt")
         raise
     result = {
         "rank": trainer.global_rank, "world_size": trainer.world_size, "grad_norms": recorder.grad_norms,
@@ -190,7 +189,6 @@ def main(argv: list[str] | None = None) -> None:
         from transformers import AutoProcessor
 
         from vlm_lightning.data import VisionChatCollator
-        from vlm_lightning.strategies import run_unsharded
 
         processor = AutoProcessor.from_pretrained(args.model)
         module.eval()
@@ -198,13 +196,13 @@ def main(argv: list[str] | None = None) -> None:
         result["generated"] = run_unsharded(trainer, module, "generate", prompts, max_new_tokens=4)
         batch = VisionChatCollator(processor)(_rows(True, 2, offset=7))
         with torch.no_grad():
-            loss, _ = run_unsharded(trainer, module, "loss_sum", batch, torch.tensor(1.0))
+            loss, _ = run_unsharded(trainer, module, "normalized_loss", batch, torch.tensor(1.0))
         result["unsharded_loss_sum"] = float(loss)
         # for the record: the same call made directly fails under FSDP (the root unit's embedding is a shard:
         # "Padding_idx must be within num_embeddings"), which is why callbacks need run_unsharded
         try:
             with torch.no_grad():
-                result["direct_loss_sum"] = float(module.loss_sum(batch, torch.tensor(1.0))[0])
+                result["direct_loss_sum"] = float(module.normalized_loss(batch, torch.tensor(1.0))[0])
             result["direct_error"] = None
         except Exception as err:  # noqa: BLE001
             result["direct_error"] = f"{type(err).__name__}: {str(err)[:200]}"

@@ -36,7 +36,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from vlm_lightning.cli import main
-from vlm_lightning.testing import TINY_FAMILIES
+from vlm_lightning.models.tiny import TINY_FAMILIES
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -82,7 +82,8 @@ def _fit_args(family: str, recipe: str, model_dir: Path, data: dict, out: Path, 
             "--trainer.num_sanity_val_steps=0", f"--trainer.default_root_dir={out}",
             f"--data.train={data['train']}", "--data.num_workers=0", "--data.batch_size=1",
             "--trainer.enable_progress_bar=false",
-            "--trainer.callbacks+=vlm_lightning.callbacks.SaveAdapter", f"--trainer.callbacks.dirpath={out / 'adapter'}"]
+            "--trainer.callbacks+=vlm_lightning.callbacks.SaveAdapter",
+            f"--trainer.callbacks.dirpath={out / 'adapter'}"]
     if "grpo" in recipe or "gspo" in recipe:
         # random tiny models rarely stop: keep rollouts short. Three GRPO steps of a random policy often see
         # equal rewards in every group (zero advantage, zero gradient), so B starts random (not zero) to give
@@ -218,7 +219,8 @@ def test_merged_folder_is_what_the_adapter_computes(fitted, family, recipe):
     max_pixels = (_recipe_yaml(family, recipe).get("data") or {}).get("max_pixels")
     if max_pixels is not None:
         if hasattr(processor.image_processor, "merge_size"):  # Qwen-VL: the pixel bounds are processor settings
-            got = getattr(processor.image_processor, "max_pixels", None) or processor.image_processor.size["longest_edge"]
+            image_processor = processor.image_processor
+            got = getattr(image_processor, "max_pixels", None) or image_processor.size["longest_edge"]
         else:  # other families: the data module resizes images before their processor; the export records it
             got = json.loads((from_ckpt / "merge_info.json").read_text())["processor_kwargs"].get("max_pixels")
         assert got == max_pixels, f"recipe max_pixels={max_pixels}, the export has {got}"
@@ -240,7 +242,7 @@ def test_gguf_from_the_fit_reads_back_in_llama_cpp(fitted, family, tmp_path):
     pytest.importorskip("llama_cpp")
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from vlm_lightning.testing.llama_cpp import IMAGE_SIZE, hf_image_layout, mtmd_prompt, rel_err
+    from vlm_lightning.demo.llama_cpp import IMAGE_SIZE, hf_image_layout, mtmd_prompt, rel_err
 
     run = fitted(family, "lora_sft")
     merged_dir = run.merged("ckpt")
@@ -257,8 +259,8 @@ def test_gguf_from_the_fit_reads_back_in_llama_cpp(fitted, family, tmp_path):
     w, h = IMAGE_SIZE[family]
     img = Image.fromarray(np.random.default_rng(2).integers(0, 255, (h, w, 3), dtype=np.uint8))
     img.save(tmp_path / "image.png")
-    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read."}]}],
-                                           add_generation_prompt=True, tokenize=False)
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read."}]}
+    prompt = processor.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
     inputs = processor(text=[prompt], images=[img], return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         want_text = model(input_ids=torch.tensor([ids])).logits[0].numpy()
@@ -267,7 +269,7 @@ def test_gguf_from_the_fit_reads_back_in_llama_cpp(fitted, family, tmp_path):
     # llama.cpp reads the files in a process of its own, as a consumer would
     (tmp_path / "ids.json").write_text(json.dumps(ids))
     (tmp_path / "prompt.txt").write_text(mtmd_prompt(family, prompt))
-    proc = subprocess.run([sys.executable, "-m", "vlm_lightning.testing.llama_cpp", str(model_gguf), str(mmproj),
+    proc = subprocess.run([sys.executable, "-m", "vlm_lightning.demo.llama_cpp", str(model_gguf), str(mmproj),
                            str(tmp_path / "ids.json"), str(tmp_path / "prompt.txt"), str(tmp_path / "image.png"),
                            str(tmp_path / "llama.npz")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -50,7 +50,7 @@ def _write_config(tmp: Path, base: Path, data: dict, **model_args) -> Path:
 def _fit(tmp: Path, base: Path, **model_args):
     """`vlm-lightning fit --config ...` in this process; returns (last.ckpt, the trained module)."""
     from vlm_lightning.cli import cli_main
-    from vlm_lightning.data import make_demo_ocr_dataset
+    from vlm_lightning.demo.data import make_demo_ocr_dataset
 
     data = make_demo_ocr_dataset(tmp / "data", n_train=4, n_val=2)
     cli = cli_main(["fit", "--config", str(_write_config(tmp, base, data, **model_args))])
@@ -204,14 +204,17 @@ def test_grpo_checkpoint_exports(tiny_vlm_dir, tmp_path):
     from vlm_lightning.modules.grpo import VisionGRPOModule
 
     base = tiny_vlm_dir("qwen2_5_vl")
-    module = VisionGRPOModule(str(base), reward_funcs=[lambda prompts, completions, **kw: [len(c) / 9 for c in completions]],
+    module = VisionGRPOModule(str(base),
+                              reward_funcs=[lambda prompts, completions, **kw: [len(c) / 9 for c in completions]],
                               num_generations=2, max_new_tokens=3, dtype="float32", r=4, init_lora_weights=False,
                               gradient_checkpointing=False, use_kernels=True)
     module.configure_model()
-    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (56, 56), (9, 99, 200))},
+    image = Image.new("RGB", (56, 56), (9, 99, 200))
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": image},
                                                        {"type": "text", "text": "Read."}]},
                           {"role": "assistant", "content": [{"type": "text", "text": "12"}]}]}] * 2
-    loader = torch.utils.data.DataLoader(rows, batch_size=2, collate_fn=VisionChatCollator(module.processor, for_generation=True))
+    loader = torch.utils.data.DataLoader(rows, batch_size=2,
+                                         collate_fn=VisionChatCollator(module.processor, for_generation=True))
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(module, loader)
@@ -242,8 +245,8 @@ def test_in_memory_patched_model_merges_as_stock_class(tiny_vlm_dir, tmp_path):
     """The MergeLoRA/GGUFExport path: an in-memory PEFT model whose classes apply_kernels swapped."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from vlm_lightning.kernels import apply_kernels
     from vlm_lightning.models import apply_lora
+    from vlm_lightning.models.patch import apply_kernels
 
     base = tiny_vlm_dir("qwen2_5_vl")
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
@@ -260,7 +263,8 @@ def test_in_memory_patched_model_merges_as_stock_class(tiny_vlm_dir, tmp_path):
         assert not load["missing_keys"] and not load["unexpected_keys"]
         ids = torch.tensor([[1, 2, 3, 4, 5]])
         with torch.no_grad():
-            torch.testing.assert_close(merged(input_ids=ids).logits, peft_model(input_ids=ids).logits, atol=1e-4, rtol=0)
+            torch.testing.assert_close(merged(input_ids=ids).logits, peft_model(input_ids=ids).logits,
+                                       atol=1e-4, rtol=0)
 
 
 def test_export_layer_does_not_import_the_modules():
@@ -277,7 +281,7 @@ def test_export_layer_does_not_import_the_modules():
 
 def test_deepspeed_checkpoint_folder_is_recognised(tmp_path, capsys, monkeypatch):
     """A DeepSpeed strategy writes `last.ckpt` as a folder of ZeRO shards. Export reads it directly (consolidated
-    by Lightning's converter; run on the GPU by benchmarks/e2e_gpu.sh's strategies stage). Without the
+    by Lightning's converter; run on the GPU by benchmarks/bench_e2e.sh's strategies stage). Without the
     `deepspeed` package the error names the folder and the package, and the CLI exits 2 with nothing written."""
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # absent, as on the CI machine
     folder = tmp_path / "last.ckpt"

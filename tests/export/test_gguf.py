@@ -11,8 +11,9 @@ import gguf
 import numpy as np
 import pytest
 
-from vlm_lightning.export.gguf import to_gguf
-from vlm_lightning.export.gguf_arch import UnsupportedGGUFFamily, permute_rope, split_name
+from vlm_lightning.export.gguf import UnsupportedGGUFFamily, to_gguf
+from vlm_lightning.export.gguf.arch import permute_rope
+from vlm_lightning.export.gguf.writer import split_name
 
 GGUF_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "gemma3", "pixtral", "mistral3", "mistral3_small"]
 TEXT_ARCH = {"qwen2_vl": "qwen2vl", "qwen2_5_vl": "qwen2vl", "gemma3": "gemma3", "pixtral": "llama",
@@ -41,7 +42,8 @@ def _fields(reader: gguf.GGUFReader) -> dict:
 
 
 def _tensors(reader: gguf.GGUFReader) -> dict[str, tuple[str, np.ndarray]]:
-    return {t.name: (t.tensor_type.name, gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)) for t in reader.tensors}
+    return {t.name: (t.tensor_type.name, gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
+            for t in reader.tensors}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +95,8 @@ def test_text_gguf_metadata_and_tokenizer(exported, family):
     tok = AutoProcessor.from_pretrained(src).tokenizer
     assert f["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
     assert f["tokenizer.ggml.tokens"][tok.eos_token_id] == tok.eos_token
-    template = (src / "chat_template.jinja").read_text() if (src / "chat_template.jinja").exists() else tok.chat_template
+    jinja = src / "chat_template.jinja"
+    template = jinja.read_text() if jinja.exists() else tok.chat_template
     assert f["tokenizer.chat_template"] == template
     # every special token is a CONTROL token at its HF id
     for t in tok.all_special_tokens:
@@ -124,7 +127,8 @@ def _source_text_weights(src, family) -> dict[str, np.ndarray]:
             part, rest = split_name(k)
             if part not in ("text", "lm_head"):
                 continue
-            name = tmap.get_name("lm_head.weight" if part == "lm_head" else f"model.{rest}", try_suffixes=(".weight", ".bias"))
+            name = tmap.get_name("lm_head.weight" if part == "lm_head" else f"model.{rest}",
+                                 try_suffixes=(".weight", ".bias"))
             a = v.float().numpy()
             if family == "gemma3" and rest.endswith("norm.weight"):
                 a = a + 1.0
@@ -157,13 +161,13 @@ def test_text_values_within_quant_tolerance(exported, family, quant):
 
 
 def test_rows_not_multiple_of_32_fall_back_to_f16(tiny_vlm_dir, tmp_path):
-    from vlm_lightning.testing import make_tiny_vlm
+    from vlm_lightning.models.tiny import make_tiny_vlm
 
     # hidden 48: rows of 48 columns cannot be Q8_0 blocks of 32
+    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 4, 4]}
     src = make_tiny_vlm("qwen2_vl", tmp_path / "odd", text_config={"hidden_size": 48, "intermediate_size": 96,
                                                                     "num_attention_heads": 2, "num_key_value_heads": 1,
-                                                                    "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
-                                                                                        "mrope_section": [4, 4, 4]}},
+                                                                    "rope_parameters": rope},
                         vision_config={"hidden_size": 48})
     paths = to_gguf(src, tmp_path / "out", quant="q8_0", mmproj=False)
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(paths["model"]).tensors}
@@ -219,7 +223,8 @@ def test_qwen_mmproj_splits_are_exact(exported, family):
     tensors = _tensors(gguf.GGUFReader(paths["mmproj"]))
     sd = {}
     for fpath in src.glob("*.safetensors"):
-        sd.update({split_name(k)[1]: v.float().numpy() for k, v in load_file(fpath).items() if split_name(k)[0] == "vision"})
+        sd.update({split_name(k)[1]: v.float().numpy() for k, v in load_file(fpath).items()
+                   if split_name(k)[0] == "vision"})
     conv = sd["patch_embed.proj.weight"]
     both = np.stack([tensors["v.patch_embd.weight"][1], tensors["v.patch_embd.weight.1"][1]], axis=2)
     np.testing.assert_allclose(both, conv, atol=2e-3 * np.abs(conv).max())
@@ -267,7 +272,7 @@ def test_kquant_without_llama_cpp_is_a_clear_error(tiny_vlm_dir, tmp_path, monke
 
 
 def test_mrope_sections_must_sum_to_half_head_dim(tmp_path):
-    from vlm_lightning.testing import make_tiny_vlm
+    from vlm_lightning.models.tiny import make_tiny_vlm
 
     src = make_tiny_vlm("qwen2_vl", tmp_path / "bad", text_config={
         "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 2, 2]}})
@@ -281,11 +286,12 @@ def build_spm_style_tokenizer(extra_specials: list[str]):
     from tokenizers import Tokenizer, decoders, models, normalizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from vlm_lightning.testing.tokenizer import _CORPUS
+    from vlm_lightning.models.tiny.tokenizer import _CORPUS
 
     plain = Tokenizer(models.BPE(unk_token="<unk>"))
     plain.normalizer = normalizers.Replace(" ", "\u2581")
-    plain.train_from_iterator([_CORPUS] * 4, trainer=trainers.BpeTrainer(vocab_size=300, min_frequency=2, show_progress=False))
+    plain.train_from_iterator([_CORPUS] * 4,
+                              trainer=trainers.BpeTrainer(vocab_size=300, min_frequency=2, show_progress=False))
     trained = json.loads(plain.to_str())["model"]
     head = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
     vocab = {tok: i for i, tok in enumerate(head)}
@@ -321,7 +327,8 @@ def test_sentencepiece_style_tokenizer_written_as_llama_spm(tiny_vlm_dir, tmp_pa
     assert f["tokenizer.ggml.model"] == "llama" and f["tokenizer.ggml.pre"] == "default"
     assert f["tokenizer.ggml.add_space_prefix"] is False  # Gemma: no '▁' prepended
     tokens, types, scores = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"], f["tokenizer.ggml.scores"]
-    assert tokens[tok.convert_tokens_to_ids("<0x41>")] == "<0x41>" and types[tok.convert_tokens_to_ids("<0x41>")] == gguf.TokenType.BYTE
+    byte_a = tok.convert_tokens_to_ids("<0x41>")
+    assert tokens[byte_a] == "<0x41>" and types[byte_a] == gguf.TokenType.BYTE
     assert types[tok.eos_token_id] == gguf.TokenType.CONTROL and f["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
     # scores follow the BPE merge order: the token of an earlier merge scores higher
     merges = json.loads((src / "tokenizer.json").read_text())["model"]["merges"]

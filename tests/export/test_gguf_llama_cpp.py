@@ -13,8 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlm_lightning.export.gguf import to_gguf
-from vlm_lightning.testing.llama_cpp import (
+from vlm_lightning.demo.llama_cpp import (
     IMAGE_SIZE,
     LLAMA_CPP_FAMILIES,
     hf_image_layout,
@@ -24,6 +23,7 @@ from vlm_lightning.testing.llama_cpp import (
     rel_err,
     text_logits,
 )
+from vlm_lightning.export.gguf import to_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")
 mtmd = pytest.importorskip("llama_cpp.mtmd_cpp")
@@ -73,7 +73,8 @@ def gguf_files(hf, tmp_path_factory):
 
 
 def _text_prompt(processor) -> str:
-    msgs = [{"role": "user", "content": [{"type": "text", "text": "Read the receipt: total 1,234.56 dollars, 2024-05-17."}]}]
+    text = "Read the receipt: total 1,234.56 dollars, 2024-05-17."
+    msgs = [{"role": "user", "content": [{"type": "text", "text": text}]}]
     return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
 
@@ -188,7 +189,7 @@ def test_chat_completion_with_image_runs_end_to_end(hf, gguf_files, tmp_path):
 def test_sentencepiece_style_tokenizer_matches_hf(hf, tmp_path):
     """Gemma 3's real tokenizer is BPE with byte fallback over '▁' text: llama.cpp's SPM tokenizer, fed our
     merge-rank scores, must split text exactly as transformers does (bytes, unicode, specials included)."""
-    from test_gguf_export import gemma3_with_spm_tokenizer
+    from tests.export.test_gguf import gemma3_with_spm_tokenizer
 
     src, tok = gemma3_with_spm_tokenizer(hf("gemma3")[0], tmp_path / "gemma3_spm")
     paths = to_gguf(src, tmp_path / "out", quant="f32", mmproj=False)
@@ -196,7 +197,8 @@ def test_sentencepiece_style_tokenizer_matches_hf(hf, tmp_path):
     try:
         for text in ["Hello, World! The total is 1,234.56 dollars.", " leading space and  two",
                      "wörld ünïcode 🙂 日本", "line\nbreak\ttab", "<start_of_turn>user\nHi<end_of_turn>\n"]:
-            assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text, add_special_tokens=False)["input_ids"], text
+            want = tok(text, add_special_tokens=False)["input_ids"]
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == want, text
     finally:
         llm.close()
 
@@ -211,7 +213,7 @@ def test_real_pretokenizer_regexes_match_hf(hf, tmp_path, pre):
 
     from transformers import AutoTokenizer
 
-    from vlm_lightning.export.gguf_vocab import PRE_TOKENIZER_REGEXES
+    from vlm_lightning.export.gguf.vocab import PRE_TOKENIZER_REGEXES
 
     src = tmp_path / "model"
     shutil.copytree(hf("qwen2_vl")[0], src)
@@ -229,6 +231,7 @@ def test_real_pretokenizer_regexes_match_hf(hf, tmp_path, pre):
     try:
         for text in ["The total is 1234567.89 USD", "HelloWorld CamelCase iPhone X", "line one\n\n  indented\r\nwin",
                      "don't You'LL we've", "<|im_start|>user\nhi<|im_end|>\n", "ünïcode 日本語 🙂"]:
-            assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text, add_special_tokens=False)["input_ids"], text
+            want = tok(text, add_special_tokens=False)["input_ids"]
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == want, text
     finally:
         llm.close()

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from vlm_lightning.export import merge_lora
-from vlm_lightning.testing import TINY_FAMILIES
+from vlm_lightning.models.tiny import TINY_FAMILIES
 
 
 def _lora(model, seed=0):
@@ -34,8 +34,10 @@ def _inputs(processor):
     for x in range(0, 56, 7):
         for y in range(0, 56, 5):
             img.putpixel((x, y), (x * 4, y * 4, 255 - x))
-    messages = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What is written?"}]}]
-    return processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt", add_generation_prompt=True)
+    messages = [{"role": "user", "content": [{"type": "image", "image": img},
+                                             {"type": "text", "text": "What is written?"}]}]
+    return processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt",
+                                         add_generation_prompt=True)
 
 
 def _tiny(tiny_vlm_dir, family):
@@ -145,8 +147,8 @@ def test_4bit_base_merges_into_reloaded_16bit_weights(tiny_vlm_dir, tmp_path):
     # No 16-bit source: dequantise-and-merge, with a warning; equals the 4-bit PEFT model's output.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out2 = merge_lora(peft_4bit, tmp_path / "merged_deq", dtype="float32", base_name_or_path=str(tmp_path / "missing"),
-                          processor=AutoProcessor.from_pretrained(base))
+        out2 = merge_lora(peft_4bit, tmp_path / "merged_deq", dtype="float32",
+                          base_name_or_path=str(tmp_path / "missing"), processor=AutoProcessor.from_pretrained(base))
     assert any("dequantised" in str(w.message) for w in caught)
     assert json.loads((out2 / "merge_info.json").read_text())["base_weights"] == "dequantized"
     merged2, info = AutoModelForImageTextToText.from_pretrained(out2, dtype=torch.float32, output_loading_info=True)

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from vlm_lightning.kernels import (
-    apply_kernels,
     apply_rope,
     apply_rope_from_positions,
     fused_linear_cross_entropy,
@@ -30,6 +29,7 @@ from vlm_lightning.kernels import (
     swiglu,
 )
 from vlm_lightning.kernels import reference as R
+from vlm_lightning.models.patch import apply_kernels
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -216,7 +216,7 @@ def test_flce_memory_at_qwen7b_shape():
 def test_short_training_run_patched_matches_unpatched(tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from vlm_lightning.testing import make_tiny_vlm
+    from vlm_lightning.models.tiny import make_tiny_vlm
 
     path = make_tiny_vlm("qwen2_5_vl", tmp_path / "m", text_config={
         "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 8,

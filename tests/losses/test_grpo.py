@@ -1,5 +1,5 @@
-"""GRPO-family loss math against values worked out by hand (in the comments), plus the edge cases of
-reliability.md items 20, 21, 24: zero-variance/NaN advantages, EOS/truncation masks, log-ratio overflow."""
+"""GRPO-family loss math against values worked out by hand (in the comments), plus the edge cases:
+zero-variance/NaN advantages, truncated completions masked out, log-ratio overflow."""
 import math
 
 import pytest
@@ -9,16 +9,18 @@ from vlm_lightning.losses import (
     GRPOLossConfig,
     aggregate_loss,
     clipped_policy_loss,
-    completion_mask_from_ids,
     group_advantages,
     importance_log_weights,
-    importance_ratio,
     k3_kl,
     mask_truncated_completions,
-    selective_log_softmax,
 )
 
 T = torch.tensor
+
+
+def ratio(logp, old_logp, mask, level="token"):
+    """The importance ratio w = exp(log w)."""
+    return torch.exp(importance_log_weights(logp, old_logp, mask, level))
 
 
 def close(a, b, tol=1e-5):
@@ -95,24 +97,10 @@ def test_bad_reward_shapes():
 
 
 # --------------------------------------------------------------------------------------------- masks
-def test_completion_mask_up_to_first_eos_and_truncation():
-    # eos ids {2, 3}; row 0 ends at pos 1, row 1 at pos 2 (the second eos id), row 2 never: truncated
-    ids = T([[5, 2, 2, 0], [5, 6, 3, 2], [5, 6, 7, 8]])
-    mask, trunc = completion_mask_from_ids(ids, [2, 3])
-    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
-    assert trunc.tolist() == [False, False, True]
-    masked = mask_truncated_completions(mask, trunc)
-    assert masked.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]]
-    # an EOS in the first position is still a (one-token) completion
-    m, t = completion_mask_from_ids(T([[2, 9, 9]]), 2)
-    assert m.tolist() == [[1, 0, 0]] and t.tolist() == [False]
-
-
 def test_all_truncated_gives_zero_loss_and_zero_grad():
     cfg = GRPOLossConfig(num_generations=2, loss_type="dapo", beta=0.1)
     logp = torch.randn(2, 3, requires_grad=True)
-    mask, trunc = completion_mask_from_ids(T([[5, 6, 7], [8, 9, 10]]), 2)
-    mask = mask_truncated_completions(mask, trunc)
+    mask = mask_truncated_completions(torch.ones(2, 3, dtype=torch.long), T([True, True]))  # no EOS: truncated
     for lt in ("grpo", "bnpo", "dr_grpo", "dapo"):
         cfg = GRPOLossConfig(num_generations=2, loss_type=lt, beta=0.1)
         loss, metrics = clipped_policy_loss(logp, logp.detach() - 0.3, T([1.0, -1.0]), mask, cfg,
@@ -122,28 +110,16 @@ def test_all_truncated_gives_zero_loss_and_zero_grad():
         assert all(torch.isfinite(v) for v in metrics.values())
 
 
-# --------------------------------------------------------------------------------------------- log-probs
-def test_selective_log_softmax_matches_log_softmax_gather():
-    torch.manual_seed(0)
-    logits = torch.randn(3, 5, 17)
-    idx = torch.randint(0, 17, (3, 5))
-    ref = torch.log_softmax(logits, -1).gather(-1, idx.unsqueeze(-1)).squeeze(-1)
-    close(selective_log_softmax(logits, idx), ref)
-    close(selective_log_softmax(logits[0], idx[0]), ref[0])
-    bf = selective_log_softmax(logits.bfloat16(), idx)
-    assert bf.dtype == torch.float32
-
-
 # --------------------------------------------------------------------------------------------- ratios
 def test_token_vs_sequence_ratio():
     # logp - old = [0.5, -0.5] -> token ratios e^0.5 = 1.648721, e^-0.5 = 0.606531; sequence: mean 0 -> 1
     logp, old, mask = T([[-1.0, -2.0]]), T([[-1.5, -1.5]]), T([[1, 1]])
-    close(importance_ratio(logp, old, mask, "token"), [[math.exp(0.5), math.exp(-0.5)]])
-    close(importance_ratio(logp, old, mask, "sequence"), [[1.0]])
+    close(ratio(logp, old, mask, "token"), [[math.exp(0.5), math.exp(-0.5)]])
+    close(ratio(logp, old, mask, "sequence"), [[1.0]])
     # padding is excluded from the sequence mean: a pad token with log-ratio -9 changes nothing
-    close(importance_ratio(T([[-1.0, -2.0, -9.0]]), T([[-1.5, -1.5, 0.0]]), T([[1, 1, 0]]), "sequence"), [[1.0]])
+    close(ratio(T([[-1.0, -2.0, -9.0]]), T([[-1.5, -1.5, 0.0]]), T([[1, 1, 0]]), "sequence"), [[1.0]])
     # geometric mean: log-ratios [0.2, 0.4] -> s = exp(0.3) = 1.349859 = sqrt(e^0.2 * e^0.4)
-    close(importance_ratio(T([[0.2, 0.4]]), T([[0.0, 0.0]]), mask, "sequence"), [[math.sqrt(math.exp(0.2) * math.exp(0.4))]])
+    close(ratio(T([[0.2, 0.4]]), T([[0.0, 0.0]]), mask, "sequence"), [[math.sqrt(math.exp(0.2) * math.exp(0.4))]])
     assert importance_log_weights(logp, old, mask, "sequence").shape == (1, 1)
     assert importance_log_weights(logp, old, mask, "sequence_token").shape == (1, 2)
 
@@ -152,7 +128,7 @@ def test_sequence_ratio_gradient_is_s_over_length_on_active_tokens():
     # GSPO eq. 10: d s_i / d logp_t = s_i / |y_i| on the active tokens, 0 on padding.
     # log-ratios [0.2, 0.4, (pad)] -> s = e^0.3 = 1.349859, |y| = 2 -> grad 0.674929 on each active token
     logp = T([[0.2, 0.4, 3.0]], requires_grad=True)
-    s = importance_ratio(logp, T([[0.0, 0.0, 0.0]]), T([[1, 1, 0]]), "sequence")
+    s = ratio(logp, T([[0.0, 0.0, 0.0]]), T([[1, 1, 0]]), "sequence")
     (g,) = torch.autograd.grad(s.sum(), logp)
     close(g, [[math.exp(0.3) / 2, math.exp(0.3) / 2, 0.0]])
 
@@ -257,17 +233,17 @@ def test_kl_term_added_with_beta_and_zero_when_policy_equals_reference():
 
 # --------------------------------------------------------------------------------------------- aggregation
 def test_aggregations_hand_worked():
-    # l = [[1, 2, 3, x], [4, x, x, x]], mask [[1, 1, 1, 0], [1, 0, 0, 0]] (x = masked, set to 100)
-    l = T([[1.0, 2.0, 3.0, 100.0], [4.0, 100.0, 100.0, 100.0]])
+    # per_tok = [[1, 2, 3, x], [4, x, x, x]], mask [[1, 1, 1, 0], [1, 0, 0, 0]] (x = masked, set to 100)
+    per_tok = T([[1.0, 2.0, 3.0, 100.0], [4.0, 100.0, 100.0, 100.0]])
     m = T([[1, 1, 1, 0], [1, 0, 0, 0]])
-    close(aggregate_loss(l, m, "grpo"), 3.0)  # row means 6/3 = 2 and 4/1 = 4 -> 3
-    close(aggregate_loss(l, m, "grpo", grad_accum_steps=2), 1.5)
-    close(aggregate_loss(l, m, "bnpo"), 2.5)  # 10 / 4 active tokens
-    close(aggregate_loss(l, m, "dr_grpo", max_completion_length=5), 1.0)  # 10 / (2 * 5)
-    close(aggregate_loss(l, m, "dr_grpo"), 1.25)  # 10 / (2 * T=4)
-    close(aggregate_loss(l, m, "dapo", num_items_in_batch=8), 1.25)  # 10 / 8 global tokens
-    close(aggregate_loss(l, m, "dapo", num_items_in_batch=8, world_size=2), 2.5)  # 10 / (8 / 2)
-    close(aggregate_loss(l, m, "dapo"), 2.5)  # local count 4
+    close(aggregate_loss(per_tok, m, "grpo"), 3.0)  # row means 6/3 = 2 and 4/1 = 4 -> 3
+    close(aggregate_loss(per_tok, m, "grpo", grad_accum_steps=2), 1.5)
+    close(aggregate_loss(per_tok, m, "bnpo"), 2.5)  # 10 / 4 active tokens
+    close(aggregate_loss(per_tok, m, "dr_grpo", max_completion_length=5), 1.0)  # 10 / (2 * 5)
+    close(aggregate_loss(per_tok, m, "dr_grpo"), 1.25)  # 10 / (2 * T=4)
+    close(aggregate_loss(per_tok, m, "dapo", num_items_in_batch=8), 1.25)  # 10 / 8 global tokens
+    close(aggregate_loss(per_tok, m, "dapo", num_items_in_batch=8, world_size=2), 2.5)  # 10 / (8 / 2)
+    close(aggregate_loss(per_tok, m, "dapo"), 2.5)  # local count 4
     # a (B, 1) per-sequence loss under "grpo" is just its mean over rows: (7 + 9) / 2
     close(aggregate_loss(T([[7.0], [9.0]]), m, "grpo"), 8.0)
 

@@ -1,7 +1,8 @@
-"""Speed levers of ``vlm_lightning.models.speed`` are exact: each gives the same loss and the same LoRA
-gradients as the plain PEFT model with full checkpointing (fp32, tiny Qwen2.5-VL), and each visibly takes
-effect (the frozen tower runs once instead of twice, the fused LoRA path runs, each checkpointing mode
-recomputes exactly the sub-blocks it names). Speed itself is measured only in benchmarks/sft_step.py."""
+"""Speed levers of ``vlm_lightning.models.levers`` (and ``models.lora.fuse_lora_forward``) are exact: each
+gives the same loss and the same LoRA gradients as the plain PEFT model with full checkpointing (fp32, tiny
+Qwen2.5-VL), and each visibly takes effect (the frozen tower runs once instead of twice, the fused LoRA path
+runs, each checkpointing mode recomputes exactly the sub-blocks it names). Speed itself is measured only in
+benchmarks/bench_sft_step.py."""
 from __future__ import annotations
 
 from collections import Counter
@@ -13,12 +14,9 @@ import torch.nn as nn
 from transformers import AutoModelForImageTextToText
 
 from vlm_lightning.models import apply_lora
-from vlm_lightning.models.speed import (
-    apply_speed_levers,
-    freeze_vision_autograd,
-    fuse_lora_forward,
-    parse_checkpointing,
-)
+from vlm_lightning.models.levers import apply_speed_levers, freeze_vision_autograd, parse_checkpointing
+from vlm_lightning.models.lora import fuse_lora_forward
+from vlm_lightning.models.patch import apply_kernels, patched_tags
 
 FAMILY = "qwen2_5_vl"  # the benchmark's family; its projector (merger) sits inside the vision tower
 LAYERS = "base_model.model.model.language_model.layers"
@@ -27,7 +25,8 @@ LAYERS = "base_model.model.model.language_model.layers"
 @pytest.fixture(scope="module")
 def data(tiny_vlm_dir, tmp_path_factory):
     """(tiny Qwen2.5-VL dir, one collated batch of 2 demo OCR rows with images)."""
-    from vlm_lightning.data import VisionChatDataModule, make_demo_ocr_dataset
+    from vlm_lightning.data import VisionChatDataModule
+    from vlm_lightning.demo.data import make_demo_ocr_dataset
 
     path = tiny_vlm_dir(FAMILY)
     paths = make_demo_ocr_dataset(tmp_path_factory.mktemp("ocr_levers"), n_train=2, n_val=1)
@@ -40,8 +39,6 @@ def _peft(path, lora_kwargs=None, kernels=False, **levers):
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
     if kernels:
-        from vlm_lightning.kernels import apply_kernels
-
         apply_kernels(model)
     lora_kwargs = {"gradient_checkpointing": True, **(lora_kwargs or {})}
     peft_model = apply_lora(model, r=4, init_lora_weights=False, **lora_kwargs)  # non-zero B: real gradients
@@ -117,7 +114,7 @@ def test_frozen_vision_no_grad_restores_grad_mode_after_an_error(data):
     path, _ = data
     model, _ = _peft(path)
     assert freeze_vision_autograd(model) is True
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError):  # a bad input: the tower's forward raises half way
         model.get_submodule("base_model.model.model.visual")(torch.zeros(3, 5), grid_thw=torch.ones(1, 3).long())
     assert torch.is_grad_enabled()
 
@@ -230,8 +227,9 @@ def test_checkpointing_modes_are_exact_and_recompute_what_they_name(data, mode):
 
 
 def test_levers_compose_with_the_fused_kernels(data):
-    """The kernels' patched attention calls ``super(type(self), self).forward``: the levers must not subclass
-    it (that recursed). Attention-only checkpointing + vision no-grad + fused LoRA on a patched model."""
+    """The levers stack on the kernels' patched classes (one swap mechanism; the patched attention once called
+    ``super(type(self), self).forward``, which recursed under a second subclass). Attention-only checkpointing
+    + vision no-grad + fused LoRA on a patched model."""
     path, batch = data
     counts = _layer_counts(1)
     ref = _step(_peft(path, kernels=True)[0], batch, counts)
@@ -308,7 +306,7 @@ def test_sft_module_with_all_levers_trains_like_the_default(data):
 
     _, ref = train()
     module, out = train(frozen_vision_no_grad=True, fused_lora=True, gradient_checkpointing="every_2")
-    assert module.get_submodule(f"model.{LAYERS}.0.mlp.down_proj").__dict__.get("_vlm_speed_fused_lora")
+    assert "fused_lora" in patched_tags(module.get_submodule(f"model.{LAYERS}.0.mlp.down_proj"))
     assert module.get_submodule(f"model.{LAYERS}.1").gradient_checkpointing is False
     assert ref.keys() == out.keys()
     for name in ref:

@@ -1,7 +1,7 @@
 """load_vlm: 16-bit and 4-bit loading per family; only the language model's linears become Linear4bit.
 
 bitsandbytes 0.50 quantises NF4 on the CPU, so the 4-bit tests run here (and again on the GPU in
-benchmarks/sft_gpu_check.py). The pure-logic test checks, with transformers' own matcher, which module
+tests/gpu/sft_gpu_check.py). The pure-logic test checks, with transformers' own matcher, which module
 names the skip list leaves to quantise.
 """
 from __future__ import annotations
@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from vlm_lightning.models import build_quantization_config, get_family_spec, load_vlm, quantization_skip_modules
-from vlm_lightning.models.loading import resolve_model_path
-from vlm_lightning.testing import TINY_FAMILIES
+from vlm_lightning.models.tiny import TINY_FAMILIES, resolve_model_path
 
 
 def _tiny(tiny_vlm_dir, family):

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from vlm_lightning.models import apply_lora
-from vlm_lightning.testing import TINY_FAMILIES
+from vlm_lightning.models.tiny import TINY_FAMILIES
 
 LANG = r"model\.language_model\.layers\.\d+\."
 LANG_ATTN = LANG + r"self_attn\.(q_proj|k_proj|v_proj|o_proj)"
@@ -38,7 +38,8 @@ SWITCHES = {  # name -> (apply_lora kwargs, [module regexes that get LoRA], proj
     "default": ({}, ["lang_attn", "lang_mlp"], False),
     "attention_only": ({"finetune_mlp_modules": False}, ["lang_attn"], False),
     "mlp_only": ({"finetune_attention_modules": False}, ["lang_mlp"], False),
-    "vision_only": ({"finetune_language_layers": False, "finetune_vision_layers": True}, ["vis_attn", "vis_mlp"], False),
+    "vision_only": ({"finetune_language_layers": False, "finetune_vision_layers": True},
+                    ["vis_attn", "vis_mlp"], False),
     "everything": ({"finetune_vision_layers": True, "finetune_projector": True},
                    ["lang_attn", "lang_mlp", "vis_attn", "vis_mlp"], True),
     "vision_attention_projector": ({"finetune_language_layers": False, "finetune_vision_layers": True,
@@ -61,7 +62,7 @@ def _expected(model, family, parts, projector_trained):
     expected = set()
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and wanted.fullmatch(name):
-            expected |= {f"base_model.model.{name}.lora_A.default.weight", f"base_model.model.{name}.lora_B.default.weight"}
+            expected |= {f"base_model.model.{name}.lora_{ab}.default.weight" for ab in "AB"}
     if projector_trained:
         proj = model.get_submodule(projector)
         expected |= {f"base_model.model.{projector}.modules_to_save.default.{n}" for n, _ in proj.named_parameters()}
@@ -136,7 +137,8 @@ def _grad_names(tiny_vlm_dir, batch, gradient_checkpointing, use_reentrant):
 def test_gradient_checkpointing_keeps_every_lora_gradient(tiny_vlm_dir, tmp_path):
     """Same set of parameters with non-zero gradient with checkpointing off, non-reentrant and reentrant,
     and it includes the vision LoRA (peft tests/testing_common.py::_test_training_gradient_checkpointing)."""
-    from vlm_lightning.data import VisionChatDataModule, make_demo_ocr_dataset
+    from vlm_lightning.data import VisionChatDataModule
+    from vlm_lightning.demo.data import make_demo_ocr_dataset
 
     paths = make_demo_ocr_dataset(tmp_path / "ocr", n_train=2, n_val=1)
     dm = VisionChatDataModule(str(tiny_vlm_dir("qwen2_vl")), train=str(paths["train"]), batch_size=2)

@@ -10,8 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vlm_lightning.kernels import apply_kernels, fused_causal_lm_loss
 from vlm_lightning.kernels._utils import triton_ok
+from vlm_lightning.losses.sft import token_loss
+from vlm_lightning.models.hf import final_logit_softcap, lm_head_weight
+from vlm_lightning.models.patch import apply_kernels
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava_next", "pixtral", "gemma3", "mistral3", "mistral3_small"]
 pytestmark = [
@@ -26,10 +28,7 @@ def tiny_dir(request, tmp_path_factory):
     try:
         factory = request.getfixturevalue("tiny_vlm_dir")
     except pytest.FixtureLookupError:
-        try:
-            from vlm_lightning.testing import make_tiny_vlm
-        except ImportError:  # package __init__ not exporting it yet
-            from vlm_lightning.testing.tiny_models import make_tiny_vlm
+        from vlm_lightning.models.tiny import make_tiny_vlm
 
         root = tmp_path_factory.mktemp("tiny_kernels")
         cache = {}
@@ -105,7 +104,7 @@ def test_patched_family_matches_unpatched(family, tiny_dir):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-4)
     assert grads.keys() == ref_grads.keys()
     for name, g in grads.items():
-        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
     # the unpatched model still runs HF's own modules (the RoPE dispatcher is only active in patched ones)
     assert not any(type(m).__name__.startswith("Fused") for m in model.modules())
@@ -124,7 +123,7 @@ def test_generation_with_kv_cache_same_tokens(family, tiny_dir):
     torch.testing.assert_close(patched.generate(**batch, **kw), ref, rtol=0, atol=0)
 
 
-def test_peft_model_with_checkpointing_and_fused_causal_lm_loss(tiny_dir):
+def test_peft_model_with_checkpointing_and_fused_token_loss(tiny_dir):
     from peft import LoraConfig, get_peft_model
 
     model, processor = _load(tiny_dir("qwen2_5_vl"))
@@ -149,8 +148,9 @@ def test_peft_model_with_checkpointing_and_fused_causal_lm_loss(tiny_dir):
     base = peft_fused.get_base_model()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden = base.model(**inputs).last_hidden_state
-    torch.testing.assert_close(fused_causal_lm_loss(peft_fused, hidden, batch["labels"]), ref_loss,
+    head, cap = lm_head_weight(peft_fused), final_logit_softcap(peft_fused)
+    torch.testing.assert_close(token_loss(hidden, batch["labels"], head, softcap=cap, fused=True), ref_loss,
                                rtol=1e-4, atol=1e-4)
     n_items = int((batch["labels"][:, 1:] != -100).sum()) * 2  # as if a second micro-batch followed
-    half = fused_causal_lm_loss(peft_fused, hidden, batch["labels"], num_items_in_batch=n_items)
+    half = token_loss(hidden, batch["labels"], head, softcap=cap, normalizer=n_items, fused=True)
     torch.testing.assert_close(half, ref_loss / 2, rtol=1e-4, atol=1e-4)

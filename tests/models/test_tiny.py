@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from vlm_lightning.models import families
 from vlm_lightning.models.families import get_family_spec
-from vlm_lightning.testing import TINY_FAMILIES, image_feature_counts, make_tiny_vlm
+from vlm_lightning.models.tiny import TINY_FAMILIES, image_feature_counts, make_tiny_vlm
 
 # Per family: the strings a rendered two-turn conversation (system + user with image + assistant,
 # then a second user turn and the generation prompt) must contain, as in the real template.
@@ -43,6 +44,14 @@ MARKERS = {
 MARKERS["qwen2_5_vl"] = MARKERS["qwen2_vl"]
 MARKERS["mistral3_small"] = MARKERS["mistral3"]
 
+# Per family: the keys, besides input_ids/attention_mask, that the real processor returns for an image batch
+# and the forward consumes.
+_QWEN_OUT, _SIZES_OUT = ("pixel_values", "image_grid_thw", "mm_token_type_ids"), ("pixel_values", "image_sizes")
+PROCESSOR_OUTPUTS = {
+    "qwen2_vl": _QWEN_OUT, "qwen2_5_vl": _QWEN_OUT, "llava_next": _SIZES_OUT, "pixtral": _SIZES_OUT,
+    "gemma3": ("pixel_values", "token_type_ids"), "mistral3": _SIZES_OUT, "mistral3_small": _SIZES_OUT,
+}
+
 CONVERSATION = [
     {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What does it say?"}]},
@@ -70,8 +79,7 @@ def test_tiny_vlm_loads_with_consistent_ids(family, tiny_vlm_dir):
     processor = AutoProcessor.from_pretrained(path)
     tok = processor.tokenizer
     spec = get_family_spec(family)
-    image_token_id = tok.convert_tokens_to_ids(spec.image_token)
-    assert getattr(model.config, "image_token_id", None) == image_token_id
+    assert getattr(model.config, "image_token_id", None) == families.image_token_id(processor)
     assert all(tok.convert_tokens_to_ids(t) != tok.unk_token_id for t in spec.image_special_tokens)
     assert model.config.text_config.vocab_size >= len(tok)
     generation = json.loads((path / "generation_config.json").read_text())
@@ -124,7 +132,7 @@ def test_forward_loss_and_image_token_count(family, tiny_vlm_dir):
                       add_special_tokens=add_special)
     if bos is not None:
         assert (batch["input_ids"] == processor.tokenizer.bos_token_id).sum(-1).le(1).all()
-    for key in spec.processor_outputs:
+    for key in PROCESSOR_OUTPUTS[family]:
         assert key in batch, (key, list(batch))
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     model.train()
@@ -137,8 +145,7 @@ def test_forward_loss_and_image_token_count(family, tiny_vlm_dir):
         grads = [p.grad for n, p in model.named_parameters() if n.startswith(prefix)]
         assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), prefix
 
-    image_token_id = processor.tokenizer.convert_tokens_to_ids(spec.image_token)
-    per_row = (batch["input_ids"] == image_token_id).sum(-1).tolist()
+    per_row = (batch["input_ids"] == families.image_token_id(processor)).sum(-1).tolist()
     counts = image_feature_counts(model, batch)
     assert per_row == counts, (per_row, counts)
     assert all(0 < c <= 64 for c in counts)
@@ -163,7 +170,8 @@ def test_make_tiny_vlm_is_deterministic_and_takes_overrides(tmp_path):
     assert config["text_config"]["num_hidden_layers"] == 3
     assert config["text_config"]["hidden_size"] == 64  # untouched keys keep their tiny defaults
     processor = AutoProcessor.from_pretrained(c)
-    batch = processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[_image(224, 224, 0)], return_tensors="pt")
+    batch = processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[_image(224, 224, 0)],
+                      return_tensors="pt")
     assert batch["image_grid_thw"].prod(-1).item() // 4 == 4  # capped at max_pixels = 56x56 -> 4 tokens
     with pytest.raises(ValueError, match="unknown family"):
         make_tiny_vlm("llama", tmp_path / "d")

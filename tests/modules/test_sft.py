@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from vlm_lightning.data import VisionChatDataModule, make_demo_ocr_dataset
+from vlm_lightning.data import VisionChatDataModule
+from vlm_lightning.demo.data import make_demo_ocr_dataset
 from vlm_lightning.modules import VisionSFTModule
 from vlm_lightning.modules.sft import model_inputs
 
@@ -42,7 +43,7 @@ def test_loss_equals_transformers_loss(qwen_data):
     module.configure_model()
     batch = dm.collator()([dm.datasets["train"][i] for i in range(4)])
     n = (batch["labels"][:, 1:] != -100).sum()
-    ours, n_ours = module.loss_sum(batch, n)
+    ours, n_ours = module.normalized_loss(batch, n)
     theirs = module.model(**model_inputs(batch), labels=batch["labels"]).loss
     assert int(n_ours) == int(n) > 0
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
@@ -130,7 +131,7 @@ def test_use_kernels_gives_the_same_loss_and_gradients(qwen_data):
         L.seed_everything(0)
         module = _module(path, use_kernels=use_kernels)
         module.configure_model()
-        loss, _ = module.loss_sum(batch, n)
+        loss, _ = module.normalized_loss(batch, n)
         loss.backward()
         grads = {k: p.grad.clone() for k, p in module.model.named_parameters() if p.requires_grad}
         results.append((loss.detach(), grads))

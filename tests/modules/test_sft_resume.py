@@ -1,6 +1,6 @@
 """Adapter-only checkpoints resume exactly: 6 steps straight == 3 steps + save + resume on a fresh base + 3
 steps, for the adapter weights, the AdamW state, the LR schedule and the step counter (fp32, CPU, fixed
-seed). shared/notes/reliability.md item 15."""
+seed)."""
 from __future__ import annotations
 
 import lightning as L
@@ -8,7 +8,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from vlm_lightning.data import VisionChatDataModule, make_demo_ocr_dataset
+from vlm_lightning.data import VisionChatDataModule
+from vlm_lightning.demo.data import make_demo_ocr_dataset
 from vlm_lightning.modules import VisionSFTModule
 
 

@@ -73,7 +73,8 @@ def test_numeric_answer_reward():
     assert parse_number("-3 or .5") == 0.5
     assert parse_number("none") is None
     r = NumericAnswerReward()
-    comps = ["<answer>1,234.0</answer>", "it is 41, no 42", "no number", "<answer>3.0001</answer>", "<answer>-2</answer>"]
+    comps = ["<answer>1,234.0</answer>", "it is 41, no 42", "no number", "<answer>3.0001</answer>",
+             "<answer>-2</answer>"]
     assert r(None, comps, references=["1234", 42, "7", 3, "-2"]) == [1.0, 1.0, 0.0, 0.0, 1.0]
     assert NumericAnswerReward(atol=1e-3)(None, ["<answer>3.0001</answer>"], references=[3]) == [1.0]
     assert NumericAnswerReward(rtol=0.1)(None, ["105"], references=[100]) == [1.0]

@@ -1,9 +1,16 @@
-"""`SaveAdapter`: write the PEFT adapter folder (and the processor) when `fit` ends."""
+"""`SaveAdapter`: write the PEFT adapter folder (and the processor) when `fit` ends.
+
+The module writes it (`save_adapter`); under FSDP / ZeRO-3 the weights are gathered first and rank zero
+writes (`vlm_lightning.distributed.gather.save_adapter_gathered`). Left out: merging (`MergeLoRA`).
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 from lightning.pytorch import Callback
+
+from ..distributed.checks import shards_parameters
+from ..distributed.gather import save_adapter_gathered
 
 __all__ = ["SaveAdapter"]
 
@@ -30,8 +37,6 @@ class SaveAdapter(Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if getattr(trainer, "fast_dev_run", False):
             return
-        from ..strategies import save_adapter_gathered, shards_parameters
-
         target = Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "adapter"
         if shards_parameters(trainer):  # FSDP / ZeRO-3: gather on every rank, rank zero writes
             self.last_path = save_adapter_gathered(trainer, pl_module, target)

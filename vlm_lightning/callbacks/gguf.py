@@ -1,9 +1,27 @@
-"""`GGUFExport`: at the end of `fit`, merge the LoRA (if `MergeLoRA` has not already) and write GGUF files."""
+"""`GGUFExport`: at the end of `fit`, merge the LoRA (if `MergeLoRA` has not already) and write GGUF files.
+
+A thin callback over `vlm_lightning.export` (`merge_lora`, `to_gguf`, `push_folder`); rank-zero work and
+gathering from a sharded run are `vlm_lightning.distributed.gather`'s. It reuses the folder of a `MergeLoRA`
+callback in the same Trainer (found in `trainer.callbacks`; Lightning runs callbacks in list order, so put
+`MergeLoRA` first) instead of merging twice.
+
+Example (YAML):
+    trainer:
+      callbacks:
+        - class_path: vlm_lightning.callbacks.GGUFExport
+          init_args: {out_dir: runs/ocr/gguf, quants: [q8_0]}
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 from lightning.pytorch import Callback
+
+from ..distributed.gather import exportable_source, on_rank_zero
+from ..export.gguf import GGUF_QUANTS, to_gguf
+from ..export.hub import push_folder
+from ..export.merge import merge_lora
+from .merge import MergeLoRA, base_model_path
 
 __all__ = ["GGUFExport"]
 
@@ -26,7 +44,8 @@ class GGUFExport(Callback):
         push_to_hub: Hub repo id for the GGUF files (token from `HF_TOKEN`); private: make it private.
 
     Example:
-        >>> trainer = L.Trainer(callbacks=[MergeLoRA("runs/demo/merged"), GGUFExport("runs/demo/gguf", quants=["q8_0"])])  # doctest: +SKIP
+        >>> trainer = L.Trainer(callbacks=[MergeLoRA("runs/demo/merged"),
+        ...                                GGUFExport("runs/demo/gguf", quants=["q8_0"])])  # doctest: +SKIP
     """
 
     def __init__(
@@ -41,20 +60,14 @@ class GGUFExport(Callback):
         push_to_hub: str | None = None,
         private: bool = True,
     ):
-        from ..export.gguf import GGUF_QUANTS
-
         self.quants = [quants] if isinstance(quants, str) else list(quants)
         bad = [q for q in self.quants if q.lower() not in GGUF_QUANTS]
         if bad or not self.quants:
             raise ValueError(f"GGUFExport quants={self.quants}: choose from {', '.join(GGUF_QUANTS)}")
-        self.out_dir = Path(out_dir)
-        self.name = name
+        self.out_dir, self.name = Path(out_dir), name
         self.merged_dir = Path(merged_dir) if merged_dir else None
-        self.dtype = dtype
-        self.mmproj_quant = mmproj_quant
-        self.at_fit_end = at_fit_end
-        self.push_to_hub = push_to_hub
-        self.private = private
+        self.dtype, self.mmproj_quant, self.at_fit_end = dtype, mmproj_quant, at_fit_end
+        self.push_to_hub, self.private = push_to_hub, private
         self.written: dict[str, dict[str, Path]] = {}
 
     def on_fit_end(self, trainer, pl_module) -> None:
@@ -64,8 +77,6 @@ class GGUFExport(Callback):
     def _existing_merge(self, trainer) -> Path | None:
         if self.merged_dir is not None:
             return self.merged_dir
-        from .merge import MergeLoRA
-
         for cb in trainer.callbacks:
             if isinstance(cb, MergeLoRA) and cb.last_path is not None and Path(cb.last_path).is_dir():
                 return Path(cb.last_path)
@@ -73,34 +84,25 @@ class GGUFExport(Callback):
 
     def export(self, trainer, pl_module) -> dict[str, dict[str, Path]]:
         """Export now; returns {quant: {"model": path, "mmproj": path}} on rank zero ({} elsewhere)."""
-        from ..export.gguf import to_gguf
-        from ..export.merge import merge_lora
-        from ..strategies import exportable_source
-
         merged = self._existing_merge(trainer) if trainer.is_global_zero else None
         has_merge = bool(trainer.strategy.broadcast(merged is not None, src=0))
         # collective under FSDP / ZeRO-3: every rank helps gather the adapter when a merge is needed
         source = None if has_merge else exportable_source(trainer, pl_module, self.out_dir / "adapter_gathered")
-        error: BaseException | None = None
-        if trainer.is_global_zero:
-            try:
-                if merged is None:
-                    merged = merge_lora(source, self.out_dir / "merged", dtype=self.dtype,
-                                        processor=getattr(pl_module, "processor", None),
-                                        base_name_or_path=_module_base(pl_module))
-                for i, q in enumerate(self.quants):
-                    self.written[q] = to_gguf(merged, self.out_dir, quant=q, name=self.name, mmproj=i == 0,
-                                              mmproj_quant=self.mmproj_quant)
-                if self.push_to_hub:
-                    from ..export.hub import push_folder
 
-                    push_folder(self.out_dir, self.push_to_hub, private=self.private, allow_patterns=["*.gguf"],
-                                commit_message="Upload GGUF files (vlm-lightning)")
-            except BaseException as err:
-                error = err
-        trainer.strategy.barrier("vlm_lightning.gguf_export")
-        if error is not None:
-            raise error
+        def write() -> None:
+            folder = merged
+            if folder is None:
+                folder = merge_lora(source, self.out_dir / "merged", dtype=self.dtype,
+                                    processor=getattr(pl_module, "processor", None),
+                                    base_name_or_path=base_model_path(pl_module))
+            for i, q in enumerate(self.quants):
+                self.written[q] = to_gguf(folder, self.out_dir, quant=q, name=self.name, mmproj=i == 0,
+                                          mmproj_quant=self.mmproj_quant)
+            if self.push_to_hub:
+                push_folder(self.out_dir, self.push_to_hub, private=self.private, allow_patterns=["*.gguf"],
+                            commit_message="Upload GGUF files (vlm-lightning)")
+
+        on_rank_zero(trainer, write, "vlm_lightning.gguf_export")
         return dict(self.written)
 
     def state_dict(self) -> dict:
@@ -109,8 +111,3 @@ class GGUFExport(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.written = {q: {k: Path(v) for k, v in d.items()} for q, d in state_dict.get("written", {}).items()}
 
-
-def _module_base(pl_module) -> str | None:
-    from .merge import _module_base as base
-
-    return base(pl_module)

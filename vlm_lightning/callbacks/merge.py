@@ -1,11 +1,26 @@
-"""`MergeLoRA`: write the LoRA-merged 16-bit model at the end of `fit` (or when asked)."""
+"""`MergeLoRA`: write the LoRA-merged 16-bit model at the end of `fit` (or when asked).
+
+A thin callback: the merge itself is `vlm_lightning.export.merge_lora`; getting the weights out of a sharded
+run and the rank-zero work are `vlm_lightning.distributed.gather`'s. Left out: GGUF (`GGUFExport` reads
+this callback's folder).
+
+Example (YAML):
+    trainer:
+      callbacks:
+        - class_path: vlm_lightning.callbacks.MergeLoRA
+          init_args: {out_dir: runs/ocr/merged}
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 from lightning.pytorch import Callback
 
-__all__ = ["MergeLoRA"]
+from ..distributed.checks import shards_parameters
+from ..distributed.gather import exportable_source, on_rank_zero, save_adapter_gathered
+from ..export.merge import merge_lora
+
+__all__ = ["MergeLoRA", "base_model_path"]
 
 
 class MergeLoRA(Callback):
@@ -57,40 +72,32 @@ class MergeLoRA(Callback):
 
     def merge(self, trainer, pl_module) -> Path | None:
         """Merge now; returns the folder on rank zero, None elsewhere."""
-        from ..export.merge import merge_lora
-        from ..strategies import exportable_source, save_adapter_gathered, shards_parameters
-
-        path = None
-        error: BaseException | None = None
         # collective under FSDP / ZeRO-3 (gathers the LoRA weights into an adapter folder); the module itself
         # for one device / DDP
         if self.adapter_dir is not None and shards_parameters(trainer):
             source = save_adapter_gathered(trainer, pl_module, self.adapter_dir)
         else:
-            source = exportable_source(trainer, pl_module, self.out_dir.parent / f"{self.out_dir.name}_adapter_gathered")
-        if trainer.is_global_zero:
-            try:
-                if self.adapter_dir is not None and source is pl_module:
-                    if callable(getattr(pl_module, "save_adapter", None)):  # adapter + the training processor
-                        pl_module.save_adapter(self.adapter_dir)
-                    else:
-                        pl_module.model.save_pretrained(self.adapter_dir)
-                        proc = getattr(pl_module, "processor", None)
-                        if proc is not None:
-                            proc.save_pretrained(self.adapter_dir)
-                path = merge_lora(
-                    source, self.out_dir, base_name_or_path=self.base_name_or_path or _module_base(pl_module),
-                    processor=getattr(pl_module, "processor", None),
-                    max_shard_size=self.max_shard_size, dtype=self.dtype,
-                    push_to_hub=self.push_to_hub, private=self.private,
-                )
-                self.last_path = path
-            except BaseException as err:  # let the other ranks leave the barrier, then raise
-                error = err
-        trainer.strategy.barrier("vlm_lightning.merge_lora")
-        if error is not None:
-            raise error
-        return path
+            scratch = self.out_dir.parent / f"{self.out_dir.name}_adapter_gathered"
+            source = exportable_source(trainer, pl_module, scratch)
+
+        def write() -> Path:
+            if self.adapter_dir is not None and source is pl_module:
+                if callable(getattr(pl_module, "save_adapter", None)):  # adapter + the training processor
+                    pl_module.save_adapter(self.adapter_dir)
+                else:
+                    pl_module.model.save_pretrained(self.adapter_dir)
+                    proc = getattr(pl_module, "processor", None)
+                    if proc is not None:
+                        proc.save_pretrained(self.adapter_dir)
+            self.last_path = merge_lora(
+                source, self.out_dir, base_name_or_path=self.base_name_or_path or base_model_path(pl_module),
+                processor=getattr(pl_module, "processor", None),
+                max_shard_size=self.max_shard_size, dtype=self.dtype,
+                push_to_hub=self.push_to_hub, private=self.private,
+            )
+            return self.last_path
+
+        return on_rank_zero(trainer, write, "vlm_lightning.merge_lora")
 
     def state_dict(self) -> dict:
         return {"last_path": str(self.last_path) if self.last_path else None}
@@ -100,7 +107,8 @@ class MergeLoRA(Callback):
         self.last_path = Path(last) if last else None
 
 
-def _module_base(pl_module) -> str | None:
+def base_model_path(pl_module) -> str | None:
+    """The 16-bit base a module was trained from (``hparams.model_name_or_path``), where a merge reloads it."""
     hp = getattr(pl_module, "hparams", None) or {}
     name = hp.get("model_name_or_path") if hasattr(hp, "get") else None
     return name or getattr(pl_module, "model_name_or_path", None)

@@ -9,97 +9,33 @@ Where the prompts come from, first match wins:
 2. otherwise `trainer.datamodule.generation_dataloader(split)` at epoch end (batches dealt round-robin
    to the ranks);
 3. otherwise the `rows=` given to the callback, collated with `VisionChatCollator(processor, for_generation=True)`.
+
+The text metrics are `vlm_lightning.metrics.text`'s; model calls go through `distributed.gather.run_unsharded`
+(FSDP / ZeRO-3 safe); the predictions file and the TensorBoard grid are written by `ocr_outputs.py`.
 """
 from __future__ import annotations
 
-import json
-import re
-import string
-import unicodedata
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback
+from torchmetrics import MeanMetric
+from torchmetrics.text import CharErrorRate, MatchErrorRate, WordErrorRate
 
-__all__ = ["OCRMetrics", "TextNormalizer", "vqa_accuracy", "score_predictions"]
+from ..data import VisionChatCollator
+from ..distributed.checks import shards_parameters
+from ..distributed.gather import all_gather_objects, run_unsharded
+from ..metrics.text import TextNormalizer, cer, vqa_accuracy
+from .ocr_outputs import log_sample_grid, write_predictions
 
-
-@dataclass
-class TextNormalizer:
-    """How predictions and references are normalised before scoring (all metrics use the same text).
-
-    Example:
-        >>> TextNormalizer(lowercase=True)("  Ｈｅｌｌｏ\\n World ")
-        'hello world'
-    """
-
-    strip: bool = True
-    lowercase: bool = False
-    collapse_whitespace: bool = True
-    nfkc: bool = True
-    remove_punctuation: bool = False
-
-    def __call__(self, text: str) -> str:
-        text = text or ""
-        if self.nfkc:
-            text = unicodedata.normalize("NFKC", text)
-        if self.lowercase:
-            text = text.lower()
-        if self.remove_punctuation:
-            text = text.translate(str.maketrans("", "", string.punctuation))
-        if self.collapse_whitespace:
-            text = re.sub(r"\s+", " ", text)
-        if self.strip:
-            text = text.strip()
-        return text
-
-
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQA accuracy of one (normalised) prediction against the (normalised) human answers:
-    min(1, #matching answers / 3) (Antol et al. 2015, as the VQA v2 evaluation; with fewer than 3 answers,
-    one match out of all of them counts as fully correct).
-
-    Example:
-        >>> vqa_accuracy("2", ["2", "2", "two", "3"])
-        0.6666666666666666
-    """
-    if not answers:
-        raise ValueError("vqa_accuracy needs at least one reference answer")
-    matches = sum(prediction == a for a in answers)
-    return min(1.0, matches / min(3, len(answers)))
-
-
-def score_predictions(predictions: Sequence[str], references: Sequence[str],
-                      answers: Sequence[Sequence[str] | None] | None = None,
-                      normalizer: TextNormalizer | None = None) -> dict[str, float]:
-    """CER, WER, MER, exact match (and VQA accuracy over rows with several answers) of finished predictions.
-
-    Example:
-        >>> score_predictions(["12 34"], ["12 35"])["cer"]
-        0.2
-    """
-    from torchmetrics.functional.text import char_error_rate, match_error_rate, word_error_rate
-
-    norm = normalizer or TextNormalizer()
-    p = [norm(x) for x in predictions]
-    r = [norm(x) for x in references]
-    out = {"cer": float(char_error_rate(p, r)), "wer": float(word_error_rate(p, r)), "mer": float(match_error_rate(p, r)),
-           "exact_match": sum(a == b for a, b in zip(p, r)) / max(len(p), 1)}
-    vqa = [vqa_accuracy(x, [norm(a) for a in ans]) for x, ans in zip(p, answers or [None] * len(p)) if ans]
-    if vqa:
-        out["vqa_acc"] = sum(vqa) / len(vqa)
-    return out
+__all__ = ["OCRMetrics"]
 
 
 class _StageScores:
     """Metric states for one stage; torchmetrics' compute() all-reduces them across ranks."""
 
     def __init__(self, device: torch.device):
-        from torchmetrics import MeanMetric
-        from torchmetrics.text import CharErrorRate, MatchErrorRate, WordErrorRate
-
         self.cer = CharErrorRate().to(device)
         self.wer = WordErrorRate().to(device)
         self.mer = MatchErrorRate().to(device)
@@ -145,37 +81,24 @@ class OCRMetrics(Callback):
 
     def __init__(
         self,
-        max_new_tokens: int = 64,
-        max_rows: int | None = None,
-        do_sample: bool = False,
+        max_new_tokens: int = 64, max_rows: int | None = None, do_sample: bool = False,
         generate_kwargs: dict | None = None,
-        strip: bool = True,
-        lowercase: bool = False,
-        collapse_whitespace: bool = True,
-        nfkc: bool = True,
+        # the normaliser applied to predictions and answers before scoring (metrics.text.TextNormalizer)
+        strip: bool = True, lowercase: bool = False, collapse_whitespace: bool = True, nfkc: bool = True,
         remove_punctuation: bool = False,
-        answers_column: str = "answers",
-        predictions_dir: str | None = None,
-        log_images: int = 8,
+        answers_column: str = "answers", predictions_dir: str | None = None, log_images: int = 8,
         on_sanity_check: bool = False,
-        rows: list[dict] | None = None,
-        batch_size: int = 8,
-        image_base_dir: str | None = None,
+        # rows to score instead of the data module's validation / test split
+        rows: list[dict] | None = None, batch_size: int = 8, image_base_dir: str | None = None,
     ):
         if max_rows is not None and max_rows < 1:
             raise ValueError(f"max_rows={max_rows}: use None (all rows) or a positive number")
-        self.max_new_tokens = max_new_tokens
-        self.max_rows = max_rows
-        self.do_sample = do_sample
+        self.max_new_tokens, self.max_rows, self.do_sample = max_new_tokens, max_rows, do_sample
         self.generate_kwargs = dict(generate_kwargs or {})
         self.normalizer = TextNormalizer(strip, lowercase, collapse_whitespace, nfkc, remove_punctuation)
-        self.answers_column = answers_column
-        self.predictions_dir = predictions_dir
-        self.log_images = log_images
-        self.on_sanity_check = on_sanity_check
-        self.rows = rows
-        self.batch_size = batch_size
-        self.image_base_dir = image_base_dir
+        self.answers_column, self.predictions_dir = answers_column, predictions_dir
+        self.log_images, self.on_sanity_check = log_images, on_sanity_check
+        self.rows, self.batch_size, self.image_base_dir = rows, batch_size, image_base_dir
         self.last_scores: dict[str, dict[str, float]] = {}
         self.last_predictions_file: Path | None = None
         self._scores: _StageScores | None = None
@@ -222,8 +145,6 @@ class OCRMetrics(Callback):
         return self.max_rows // ws + (1 if rank < self.max_rows % ws else 0)
 
     def _score_batch(self, trainer, pl_module, batch: dict, stage: str, keep: bool = True) -> None:
-        from ..strategies import run_unsharded, shards_parameters
-
         if self._scores is None:
             self._start(pl_module)
         budget = self._rank_budget(trainer)
@@ -250,11 +171,9 @@ class OCRMetrics(Callback):
         s = self._scores
         s.update(p, r)
         answers = self._answers_for(trainer, stage, idx)
-        from torchmetrics.functional.text import char_error_rate
-
         for k in range(n):
             row = {"row_index": idx[k], "prediction": preds[k], "reference": refs[k],
-                   "cer": float(char_error_rate(p[k], r[k])) if r[k] else float(p[k] != r[k])}
+                   "cer": cer(p[k], r[k])}
             if answers[k]:
                 acc = vqa_accuracy(p[k], [self.normalizer(a) for a in answers[k]])
                 s.vqa.update(torch.tensor(acc, device=s.vqa.device))
@@ -292,8 +211,6 @@ class OCRMetrics(Callback):
         if dm is not None and hasattr(dm, "generation_dataloader") and stage in (getattr(dm, "datasets", None) or {}):
             loader = dm.generation_dataloader(stage)
         elif self.rows is not None:
-            from ..data import VisionChatCollator
-
             collate = VisionChatCollator(pl_module.processor, for_generation=True, base_dir=self.image_base_dir)
             bs = self.batch_size
             loader = (collate(self.rows[i:i + bs]) for i in range(0, len(self.rows), bs))
@@ -307,8 +224,6 @@ class OCRMetrics(Callback):
             if b % ws == rank and batch is not None:
                 mine, last = mine + 1, batch
                 yield batch, True
-        from ..strategies import shards_parameters
-
         if ws > 1 and shards_parameters(trainer) and last is not None:
             # equal generate calls on every rank (FSDP collectives): repeat the last batch, results dropped
             n_batches = b + 1
@@ -319,76 +234,29 @@ class OCRMetrics(Callback):
         if self._scores is None:
             self._start(pl_module)
         if self._seen == 0:  # batches carried no prompts: generate from the datamodule's prompt-only loader
-            from ..strategies import shards_parameters
-
             budget, sharded = self._rank_budget(trainer), shards_parameters(trainer)
             for batch, keep in self._generation_batches(trainer, pl_module, stage):
                 if budget is not None and self._seen >= budget and not sharded:
                     break
                 self._score_batch(trainer, pl_module, batch, stage, keep=keep)
         s = self._scores
-        n_total = int(trainer.strategy.reduce(torch.tensor(float(self._seen), device=pl_module.device), reduce_op="sum"))
-        if n_total == 0:
+        seen = torch.tensor(float(self._seen), device=pl_module.device)
+        if int(trainer.strategy.reduce(seen, reduce_op="sum")) == 0:
             raise ValueError(f"OCRMetrics: no {stage} rows were scored")
-        scores = {"cer": s.cer.compute(), "wer": s.wer.compute(), "mer": s.mer.compute(), "exact_match": s.exact.compute()}
+        scores = {"cer": s.cer.compute(), "wer": s.wer.compute(), "mer": s.mer.compute(),
+                  "exact_match": s.exact.compute()}
         n_vqa = int(trainer.strategy.reduce(torch.tensor(float(s.n_vqa), device=pl_module.device), reduce_op="sum"))
         if n_vqa:
             scores["vqa_acc"] = s.vqa.compute()
         for key, value in scores.items():
             pl_module.log(f"{stage}/{key}", value.float(), prog_bar=key == "cer", sync_dist=False, on_epoch=True)
         self.last_scores[stage] = {k: float(v) for k, v in scores.items()}
-        rows = _gather_objects(trainer, s.rows)
+        rows = all_gather_objects(trainer, s.rows)
         if trainer.is_global_zero:
-            self.last_predictions_file = self._write_predictions(trainer, stage, rows)
-            self._log_images(trainer, stage, s.images)
+            directory = Path(self.predictions_dir) if self.predictions_dir else \
+                Path(trainer.log_dir or trainer.default_root_dir) / "predictions"
+            self.last_predictions_file = write_predictions(directory, stage, trainer.current_epoch,
+                                                           trainer.global_step, rows)
+            if self.log_images:
+                log_sample_grid(trainer, stage, s.images)
         self._scores = None
-
-    # ---------------------------------------------------------------------------------- outputs
-    def _write_predictions(self, trainer, stage: str, rows: list[dict]) -> Path:
-        base = Path(self.predictions_dir) if self.predictions_dir else Path(trainer.log_dir or trainer.default_root_dir) / "predictions"
-        base.mkdir(parents=True, exist_ok=True)
-        path = base / f"{stage}_epoch{trainer.current_epoch:03d}_step{trainer.global_step:06d}.jsonl"
-        with path.open("w", encoding="utf-8") as f:
-            for row in sorted(rows, key=lambda r: r["row_index"]):
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        return path
-
-    def _log_images(self, trainer, stage: str, tiles: list) -> None:
-        if not tiles or not self.log_images:
-            return
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if not loggers:
-            return
-        import numpy as np
-
-        grid = np.asarray(_tile_grid(tiles))
-        for lg in loggers:
-            lg.experiment.add_image(f"{stage}/ocr_samples", grid, global_step=trainer.global_step, dataformats="HWC")
-
-
-def _gather_objects(trainer, obj: list) -> list:
-    if trainer.world_size == 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return list(obj)
-    parts: list = [None] * trainer.world_size
-    torch.distributed.all_gather_object(parts, obj)
-    return [x for part in parts for x in part]
-
-
-def _tile_grid(tiles: list, tile: int = 192, text_h: int = 44, cols: int = 4):
-    """A PIL grid: each tile is the image (fit into tile x tile) with 'P: prediction' / 'R: reference' below."""
-    from PIL import Image, ImageDraw
-
-    rows_n = (len(tiles) + cols - 1) // cols
-    canvas = Image.new("RGB", (cols * tile, rows_n * (tile + text_h)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for k, (img, pred, ref) in enumerate(tiles):
-        x, y = (k % cols) * tile, (k // cols) * (tile + text_h)
-        if isinstance(img, Image.Image):
-            im = img.convert("RGB")
-            im.thumbnail((tile, tile))
-            canvas.paste(im, (x + (tile - im.width) // 2, y + (tile - im.height) // 2))
-        draw.text((x + 4, y + tile + 4), f"P: {pred[:28]}", fill=(200, 0, 0))
-        draw.text((x + 4, y + tile + 22), f"R: {ref[:28]}", fill=(0, 120, 0))
-    return canvas

@@ -1,19 +1,18 @@
 """Turn normalised conversation rows into model-ready batches with assistant-only labels.
 
-How labels are found, for any chat template: the conversation is rendered once in full, and for each
-assistant turn ``k`` twice more, as the prefix up to turn ``k`` with the generation prompt and as the
-prefix including turn ``k``. The characters between the two (trailing whitespace dropped) are the
-turn's answer plus its end-of-turn marker (``<|im_end|>``, ``<end_of_turn>``, ``</s>``). When a
-template rewrites earlier turns (Pixtral moves the system prompt to the last user turn) the answer is
-found by text search instead. Character spans become token spans through the tokenizer's offsets on
-the unexpanded text, which is then aligned to the processor's expanded ``input_ids`` (each image
-placeholder grown to its feature tokens) with a diff, so the processor stays the one source of truth
-for image tokens. Image and vision special tokens and padding are always ``-100``.
+One row: template (``labels.render_chat``), load its images, run the processor, label the assistant answers
+(``labels.assistant_token_labels``), mask every vision special token, truncate if it may. Then pad and stack.
+Family facts (image token, vision tokens, smallest image side, ``mm_token_type_ids``, the expected image
+feature count) are asked of ``vlm_lightning.models.families``. Image and vision special tokens and padding
+are always ``-100``.
+
+Example:
+    >>> collator = VisionChatCollator(processor, max_length=1024)
+    >>> batch = collator([normalize_row({"image": "a.png", "text": "42"}, 0)])
 """
 
 from __future__ import annotations
 
-import difflib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,23 +21,16 @@ from typing import Any
 import torch
 from PIL import Image
 
+from vlm_lightning.models import families
+from vlm_lightning.models.hf import IGNORE_INDEX
+
 from .formats import RowFormatError
-from .images import DEFAULT_MIN_SIDE, ImageLoadError, load_image
+from .images import ImageLoadError, load_image
+from .labels import assistant_token_labels, render_chat, strip_image_refs, text_of
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 _TOKEN_LEVEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
-# Spellings of vision special tokens across families; only those in the tokenizer's vocab are used.
-_VISION_TOKEN_STRINGS = (
-    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>",
-    "<image>", "<video>", "[IMG]", "[IMG_BREAK]", "[IMG_END]",
-    "<start_of_image>", "<end_of_image>", "<image_soft_token>",
-)
-_VISION_TOKEN_ATTRS = (
-    "image_token", "video_token", "boi_token", "eoi_token", "image_break_token", "image_end_token",
-    "vision_start_token", "vision_end_token",
-)
 
 
 class OverlongRowError(ValueError):
@@ -121,12 +113,12 @@ class VisionChatCollator:
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
         self.base_dir = base_dir
-        self.min_image_side = min_image_side if min_image_side is not None else _family_min_side(processor)
+        self.min_image_side = min_image_side if min_image_side is not None else families.min_image_side(processor)
         self.num_skipped = 0
         self.skipped: list[tuple[int, str]] = []  # (row index, reason), capped at 100 entries
-        self.image_token_id = _image_token_id(processor)
-        self.vision_token_ids = _vision_token_ids(processor, self.tokenizer)
-        self.needs_mm_token_type_ids = _needs_mm_token_type_ids(processor)
+        self.image_token_id = families.image_token_id(processor)
+        self.vision_token_ids = families.vision_token_ids(processor)
+        self.needs_mm_token_type_ids = families.needs_mm_token_type_ids(processor)
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
@@ -191,7 +183,7 @@ class VisionChatCollator:
         if self.for_generation:
             last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
             if last is not None:
-                reference = _text_of(messages[last])
+                reference = text_of(messages[last])
                 messages = messages[:last]
         images = [
             load_image(
@@ -200,8 +192,8 @@ class VisionChatCollator:
             )
             for m in messages for p in m["content"] if p["type"] == "image"
         ]
-        template_messages = _strip_image_refs(messages)
-        text = self._render(template_messages, add_generation_prompt=self.for_generation)
+        template_messages = strip_image_refs(messages)
+        text = render_chat(self.processor, template_messages, add_generation_prompt=self.for_generation)
         add_special = not _starts_with_bos(text, self.tokenizer)
         proc_kwargs = dict(text=[text], return_tensors="pt", add_special_tokens=add_special)
         if images:
@@ -219,7 +211,7 @@ class VisionChatCollator:
         if self.for_generation:
             labels = torch.full_like(input_ids, IGNORE_INDEX)
         elif self.train_on_responses_only:
-            labels = self._assistant_labels(template_messages, text, add_special, input_ids, index)
+            labels = assistant_token_labels(self.processor, template_messages, text, add_special, input_ids, index)
         else:
             labels = input_ids.clone()
         labels[torch.isin(input_ids, self.vision_token_ids)] = IGNORE_INDEX
@@ -233,7 +225,7 @@ class VisionChatCollator:
         enc = EncodedRow(
             index=index, input_ids=input_ids, labels=labels, token_extras=token_extras, vision=vision,
             images=images, num_image_tokens=n_img_tokens,
-            expected_image_tokens=expected_image_tokens(self.processor, vision, len(images)),
+            expected_image_tokens=families.expected_image_tokens(self.processor, vision, len(images)),
             full_length=full_length, truncated=truncated, prompt=text, reference=reference,
         )
         if not self.for_generation and enc.num_supervised == 0:
@@ -261,160 +253,13 @@ class VisionChatCollator:
             )
         return input_ids[:keep], labels[:keep], {k: v[:keep] for k, v in token_extras.items()}
 
-    # ----------------------------------------------------------------------------------------- labels
-
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
-        out = owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        return out[0] if isinstance(out, list) else out
-
-    def assistant_char_spans(self, messages: list[dict], full: str) -> list[tuple[int, int]]:
-        """Character spans of every assistant turn's answer + end-of-turn marker in ``full``."""
-        spans: list[tuple[int, int]] = []
-        cursor = 0
-        for k, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            prefix = self._render(messages[:k], add_generation_prompt=True) if k else ""
-            upto = self._render(messages[: k + 1], add_generation_prompt=False)
-            if full.startswith(prefix) and full.startswith(upto) and len(upto) > len(prefix) >= cursor:
-                start, end = len(prefix), len(upto.rstrip())
-            else:  # the template rewrote earlier turns: find the answer by text search
-                start, end = _search_span(_text_of(m).strip(), upto, full, cursor)
-            if end > start:
-                spans.append((start, end))
-                cursor = end
-        return spans
-
-    def _assistant_labels(self, messages, full: str, add_special: bool, input_ids: torch.Tensor, index: int):
-        spans = self.assistant_char_spans(messages, full)
-        enc = self.tokenizer(full, add_special_tokens=add_special, return_offsets_mapping=True)
-        plain_ids = list(enc["input_ids"])
-        supervised = [False] * len(plain_ids)
-        for t, (s, e) in enumerate(enc["offset_mapping"]):
-            if e > s and any(s < b and e > a for a, b in spans):
-                supervised[t] = True
-        # plain_ids has one placeholder per image; input_ids has it expanded to the feature tokens.
-        labels = torch.full_like(input_ids, IGNORE_INDEX)
-        ids = input_ids.tolist()
-        matcher = difflib.SequenceMatcher(None, ids, plain_ids, autojunk=False)
-        for i, j, n in matcher.get_matching_blocks():
-            for d in range(n):
-                if supervised[j + d]:
-                    labels[i + d] = ids[i + d]
-        if sum(supervised) and not (labels != IGNORE_INDEX).any():
-            raise RowFormatError(f"row {index}: could not align assistant tokens with the processor's input_ids")
-        return labels
-
 
 # ------------------------------------------------------------------------------------------- helpers
-
-
-def _text_of(message: Mapping[str, Any]) -> str:
-    content = message["content"]
-    if isinstance(content, str):
-        return content
-    return "".join(p.get("text") or "" for p in content if p.get("type") == "text")
-
-
-def _strip_image_refs(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """Messages for the chat template: image parts become bare ``{"type": "image"}``."""
-    out = []
-    for m in messages:
-        parts = [{"type": "image"} if p["type"] == "image" else {"type": "text", "text": p["text"]} for p in m["content"]]
-        out.append({"role": m["role"], "content": parts})
-    return out
-
-
-def _search_span(answer: str, upto: str, full: str, cursor: int) -> tuple[int, int]:
-    """Span of ``answer`` + its end-of-turn suffix (as rendered at the end of ``upto``) in ``full``."""
-    tail = upto.rstrip()
-    pos_in_upto = tail.rfind(answer) if answer else len(tail)
-    if pos_in_upto < 0:
-        return 0, 0
-    rendered = tail[pos_in_upto:]  # answer + end-of-turn marker
-    start = full.find(rendered, cursor)
-    if start < 0:
-        return 0, 0
-    return start, start + len(rendered)
 
 
 def _starts_with_bos(text: str, tokenizer) -> bool:
     bos = getattr(tokenizer, "bos_token", None)
     return bool(bos) and text.startswith(bos)
-
-
-def _image_token_id(processor) -> int | None:
-    """Id of the token that stands for one vision feature (Gemma 3's processor names its <start_of_image>
-    marker ``image_token``; the feature token is the tokenizer's ``<image_soft_token>``)."""
-    tok = getattr(processor, "tokenizer", None)
-    tid = getattr(tok, "image_token_id", None) if tok is not None else None
-    if not isinstance(tid, int):
-        tid = getattr(processor, "image_token_id", None)
-    if tid is None and getattr(processor, "image_token", None) is not None:
-        tok = getattr(processor, "tokenizer", processor)
-        tid = tok.convert_tokens_to_ids(processor.image_token)
-    return None if tid is None else int(tid)
-
-
-def _vision_token_ids(processor, tokenizer) -> torch.Tensor:
-    vocab = tokenizer.get_vocab()
-    strings = set(_VISION_TOKEN_STRINGS)
-    strings.update(s for a in _VISION_TOKEN_ATTRS if isinstance(s := getattr(processor, a, None), str))
-    ids = {vocab[s] for s in strings if s in vocab}
-    tid = _image_token_id(processor)
-    if tid is not None:
-        ids.add(tid)
-    return torch.tensor(sorted(ids), dtype=torch.long)
-
-
-def _family_min_side(processor) -> int:
-    """Smallest image side the family's vision tower can use: one (merged) patch."""
-    ip = getattr(processor, "image_processor", None)
-    if getattr(ip, "merge_size", None) and getattr(ip, "patch_size", None):  # Qwen-VL: patch 14 x merge 2
-        return int(ip.patch_size) * int(ip.merge_size)
-    if getattr(processor, "patch_size", None):  # LLaVA-NeXT, Pixtral, Mistral 3
-        return int(processor.patch_size) * int(getattr(processor, "spatial_merge_size", None) or 1)
-    if hasattr(processor, "image_seq_length"):  # Gemma 3: one SigLIP patch
-        return 14
-    return DEFAULT_MIN_SIDE
-
-
-def _needs_mm_token_type_ids(processor) -> bool:
-    if "mm_token_type_ids" in (getattr(processor, "model_input_names", None) or []):
-        return True
-    return type(processor).__name__.startswith("Qwen")
-
-
-def expected_image_tokens(processor, vision: Mapping[str, torch.Tensor], num_images: int) -> int | None:
-    """Number of features the vision tower yields for one row's images, from the processor's outputs.
-
-    Qwen-VL: ``prod(image_grid_thw) / merge_size**2``; Pixtral/Mistral 3: one per (merged) patch of each
-    ``image_sizes`` entry; LLaVA-NeXT: the anyres feature count incl. newline tokens; Gemma 3: a fixed
-    ``image_seq_length`` per image. ``None`` when the family is unknown.
-    """
-    if num_images == 0:
-        return 0
-    ip = getattr(processor, "image_processor", None)
-    if "image_grid_thw" in vision:
-        merge = int(getattr(ip, "merge_size", 2))
-        return int(vision["image_grid_thw"].prod(-1).sum()) // merge**2
-    if hasattr(processor, "image_seq_length") and "image_sizes" not in vision:  # Gemma 3
-        return int(processor.image_seq_length) * int(vision["pixel_values"].shape[0])
-    if "image_sizes" in vision and hasattr(processor, "_get_number_of_features"):  # LLaVA-NeXT
-        h, w = vision["pixel_values"].shape[-2:]
-        total = 0
-        for oh, ow in vision["image_sizes"].tolist():
-            n = processor._get_number_of_features(int(oh), int(ow), int(h), int(w))
-            if getattr(processor, "vision_feature_select_strategy", "default") == "default":
-                n -= 1
-            total += n
-        return total
-    if "image_sizes" in vision and getattr(processor, "patch_size", None):  # Pixtral / Mistral 3
-        merge = int(getattr(processor, "spatial_merge_size", None) or 1)
-        step = int(processor.patch_size) * merge
-        return sum((int(h) // step) * (int(w) // step) for h, w in vision["image_sizes"].tolist())
-    return None
 
 
 def _pad(seqs: Sequence[torch.Tensor], length: int, value: int, left: bool) -> torch.Tensor:

@@ -1,212 +1,38 @@
-"""VisionChatDataModule: load rows, split, validate once, and serve collated batches."""
+"""VisionChatDataModule: load rows, split, validate once, and serve collated batches.
+
+``prepare_data`` builds a ``tiny:<name>`` model folder once (one process); ``setup`` reads the rows
+(``datasets.py``), splits off validation, validates (``check.py``) and drops or refuses bad rows; the loaders
+collate with ``collate.py``. The processor is built with transformers' ``AutoProcessor`` from the path (or
+handed in), with the pixel bounds applied. What is left out: any model; the model module gets this
+processor through the CLI's link.
+
+Example:
+    >>> dm = VisionChatDataModule("tiny:qwen2_vl", train="data/train.jsonl", val_fraction=0.1, batch_size=4)
+    >>> dm.prepare_data(); dm.setup("fit")
+    >>> batch = next(iter(dm.train_dataloader()))
+"""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
-import statistics
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
+from transformers import AutoProcessor
 
-from .collate import OverlongRowError, VisionChatCollator
-from .formats import DEFAULT_INSTRUCTION, FormatOptions, RowFormatError, count_images, normalize_row
-from .images import ImageLoadError
+from vlm_lightning.models.tiny import resolve_model_path
+
+from .check import DataCheckReport, check_splits
+from .collate import VisionChatCollator
+from .datasets import ConversationDataset, load_rows
+from .formats import DEFAULT_INSTRUCTION, FormatOptions, RowFormatError
 from .sampling import ResumableLoader, ResumableSampler, resume_position
 
 log = logging.getLogger(__name__)
-
-_BAD_ROW_ERRORS = (ImageLoadError, RowFormatError, OverlongRowError)
-
-
-# ------------------------------------------------------------------------------------------ dataset
-
-
-class ConversationDataset(Dataset):
-    """Raw rows (a list, or a ``datasets.Dataset``) normalised lazily; ``indices`` picks and orders rows.
-
-    Item ``i`` is ``normalize_row(rows[indices[i]], indices[i], opts)``: the row index in every error
-    message is the row's position in its source file.
-    """
-
-    def __init__(self, rows: Sequence[Mapping[str, Any]], opts: FormatOptions, indices: Sequence[int] | None = None,
-                 name: str = "train"):
-        self.rows = rows
-        self.opts = opts
-        self.indices = list(range(len(rows))) if indices is None else list(indices)
-        self.name = name
-        self._class_labels = _class_label_columns(rows)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def raw(self, i: int) -> Mapping[str, Any]:
-        row = self.rows[self.indices[i]]
-        if self._class_labels:
-            row = dict(row)
-            for col, feat in self._class_labels.items():
-                if isinstance(row.get(col), int):
-                    row[col] = feat.int2str(row[col])
-        return row
-
-    def __getitem__(self, i: int) -> dict:
-        return normalize_row(self.raw(i), self.indices[i], self.opts)
-
-    def subset(self, keep: Sequence[int]) -> ConversationDataset:
-        """A view holding only positions ``keep`` (positions in this dataset, not source indices)."""
-        return ConversationDataset(self.rows, self.opts, [self.indices[k] for k in keep], self.name)
-
-
-def _class_label_columns(rows) -> dict:
-    features = getattr(rows, "features", None)
-    if not features:
-        return {}
-    try:
-        from datasets import ClassLabel
-    except ImportError:  # pragma: no cover
-        return {}
-    return {k: f for k, f in features.items() if isinstance(f, ClassLabel)}
-
-
-def load_rows(source: Any, split: str = "train") -> tuple[Sequence[Mapping[str, Any]], str | None]:
-    """Rows and the folder relative image paths resolve against, from a list, a file, a folder or a hub id.
-
-    - Python list/tuple of dicts, or a ``datasets.Dataset``.
-    - ``.jsonl`` / ``.json`` files: read with ``json`` (rows may differ in shape, which Arrow would refuse).
-    - ``.parquet`` / ``.csv`` files, an imagefolder directory (images + optional ``metadata.jsonl``) or a
-      ``save_to_disk`` directory: through ``datasets``.
-    - anything else is a hub id (``"org/name"`` or ``"org/name:split"``), loaded only when online.
-    """
-    if source is None:
-        return [], None
-    if isinstance(source, (list, tuple)):
-        return list(source), None
-    if hasattr(source, "features") and hasattr(source, "__getitem__"):  # datasets.Dataset
-        return source, None
-    path = Path(os.path.expanduser(str(source)))
-    if path.is_file():
-        suffix = path.suffix.lower()
-        base = str(path.parent.resolve())
-        if suffix == ".jsonl":
-            rows = []
-            with path.open(encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            raise ValueError(f"{path}:{n}: invalid JSON ({e})") from None
-            return rows, base
-        if suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(data, Mapping):
-                data = data.get(split, data.get("data"))
-            if not isinstance(data, list):
-                raise ValueError(f"{path}: expected a JSON list of rows (or a dict with a '{split}' or 'data' list)")
-            return data, base
-        import datasets
-
-        kind = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}.get(suffix)
-        if kind is None:
-            raise ValueError(f"{path}: unsupported file type {suffix!r} (jsonl, json, parquet, csv, arrow)")
-        return datasets.load_dataset(kind, data_files=str(path), split="train"), base
-    if path.is_dir():
-        import datasets
-
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds[split]
-            return ds, str(path.resolve())
-        return datasets.load_dataset("imagefolder", data_dir=str(path), split="train"), str(path.resolve())
-    return _load_hub(str(source), split), None
-
-
-def _load_hub(name: str, split: str):
-    offline = any(os.environ.get(k, "0").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    if offline or "/" not in name or name.startswith((".", "/")):
-        raise FileNotFoundError(
-            f"dataset {name!r} is not a local file or folder"
-            + (" and the hub is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)" if offline else "")
-        )
-    import datasets
-
-    if ":" in name:
-        name, split = name.split(":", 1)
-    try:
-        return datasets.load_dataset(name, split=split)
-    except Exception as e:  # noqa: BLE001 - add the context the datasets error lacks
-        raise FileNotFoundError(f"could not load hub dataset {name!r} split {split!r} (offline?): {e}") from e
-
-
-# ------------------------------------------------------------------------------------------- report
-
-
-@dataclass
-class SplitCheck:
-    """What ``check()`` found in one split."""
-
-    name: str
-    rows: int = 0
-    ok: int = 0
-    images: int = 0
-    truncated: int = 0
-    overlong: int = 0
-    image_token_mismatches: int = 0
-    tokens: list[int] = field(default_factory=list, repr=False)
-    supervised: list[int] = field(default_factory=list, repr=False)
-    errors: list[tuple[int, str]] = field(default_factory=list)  # (row index, reason)
-
-    @property
-    def bad(self) -> int:
-        return self.rows - self.ok
-
-    def summary(self) -> str:
-        if not self.tokens:
-            return f"{self.name}: {self.rows} rows, {self.ok} ok, {self.bad} bad"
-        t = self.tokens
-        return (
-            f"{self.name}: {self.rows} rows, {self.ok} ok, {self.bad} bad | images {self.images} | tokens "
-            f"min {min(t)} mean {statistics.fmean(t):.0f} max {max(t)} | supervised min {min(self.supervised)} | "
-            f"truncated {self.truncated} | overlong {self.overlong} | image-token mismatches "
-            f"{self.image_token_mismatches}"
-        )
-
-
-@dataclass
-class DataCheckReport:
-    """Result of :meth:`VisionChatDataModule.check`; ``str(report)`` is the printed summary."""
-
-    splits: dict[str, SplitCheck]
-    max_length: int | None = None
-
-    @property
-    def ok(self) -> bool:
-        return all(s.bad == 0 and s.image_token_mismatches == 0 for s in self.splits.values())
-
-    @property
-    def bad_indices(self) -> dict[str, list[int]]:
-        return {k: [i for i, _ in s.errors] for k, s in self.splits.items()}
-
-    def __str__(self) -> str:
-        lines = [f"data check (max_length={self.max_length}): {'OK' if self.ok else 'PROBLEMS FOUND'}"]
-        for s in self.splits.values():
-            lines.append("  " + s.summary())
-            for idx, reason in s.errors[:5]:
-                lines.append(f"    row {idx}: {reason[:200]}")
-            if len(s.errors) > 5:
-                lines.append(f"    ... and {len(s.errors) - 5} more")
-        return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------- datamodule
 
 
 class VisionChatDataModule(L.LightningDataModule):
@@ -309,7 +135,8 @@ class VisionChatDataModule(L.LightningDataModule):
     def processor_kwargs(self) -> dict[str, int]:
         """What makes this data module's processor differ from the base's (the pixel bounds). The model
         module records it in its checkpoints so an export rebuilds the same processor with ``build_processor``."""
-        return {k: int(v) for k, v in (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels)) if v is not None}
+        bounds = (("min_pixels", self.min_pixels), ("max_pixels", self.max_pixels))
+        return {k: int(v) for k, v in bounds if v is not None}
 
     def get_processor(self):
         """The processor (built from ``model_name_or_path`` on first use, with the pixel bounds applied)."""
@@ -326,6 +153,12 @@ class VisionChatDataModule(L.LightningDataModule):
         )
 
     # --------------------------------------------------------------------------------------- setup
+
+    def prepare_data(self) -> None:
+        """Build the ``tiny:<name>`` model folder the processor comes from, once (Lightning runs this on one
+        process; the build is atomic, so a rank that calls ``setup`` directly still never sees half a folder)."""
+        if self.processor is None and self.model_name_or_path is not None:
+            resolve_model_path(self.model_name_or_path)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -374,54 +207,25 @@ class VisionChatDataModule(L.LightningDataModule):
         return len(bad)
 
     def _report_skips(self) -> None:
+        """Split sizes and skipped rows to the module logger (a warning when rows were dropped), the skip
+        counts to the trainer's logger."""
         sizes = ", ".join(f"{n}={len(d)}" for n, d in self.datasets.items())
         skipped = {n: c for n, c in self.num_skipped.items() if c}
-        msg = f"VisionChatDataModule: rows {sizes}; skipped bad rows: {skipped or 'none'}"
-        print(msg)
-        if skipped:
-            log.warning(msg)
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None and getattr(trainer, "logger", None) is not None:
-            trainer.logger.log_metrics({f"data/skipped_{n}": float(c) for n, c in self.num_skipped.items()}, step=0)
+        log.log(logging.WARNING if skipped else logging.INFO,
+                "VisionChatDataModule: rows %s; skipped bad rows: %s", sizes, skipped or "none")
+        if self.trainer is not None and self.trainer.logger is not None:
+            self.trainer.logger.log_metrics({f"data/skipped_{n}": float(c) for n, c in self.num_skipped.items()},
+                                            step=0)
 
     # --------------------------------------------------------------------------------------- check
 
     def check(self, splits: Sequence[str] | None = None, verbose: bool = True) -> DataCheckReport:
-        """Walk every row once: load images, template + tokenize, compare image tokens with the vision
-        tower's feature count, and find rows that would be truncated or cannot be. Prints and returns a
-        :class:`DataCheckReport`; never raises for a bad row (it is listed in the report)."""
+        """Walk every row once (``check.check_splits``): load images, template + tokenize, compare image tokens
+        with the vision tower's feature count, and find rows that would be truncated or cannot be. Prints (with
+        ``verbose``) and returns a :class:`DataCheckReport`; never raises for a bad row (it is listed)."""
         if not self.datasets:
             self.setup()
-        collator = self.collator()
-        report = DataCheckReport(splits={}, max_length=self.max_length)
-        for name in splits or list(self.datasets):
-            ds = self.datasets[name]
-            sc = SplitCheck(name=name)
-            for k in range(len(ds)):
-                sc.rows += 1
-                source_index = ds.indices[k]
-                try:
-                    row = ds[k]
-                    enc = collator.encode_row(row)
-                except OverlongRowError as e:
-                    sc.overlong += 1
-                    sc.errors.append((source_index, str(e)))
-                    continue
-                except _BAD_ROW_ERRORS as e:
-                    sc.errors.append((source_index, str(e)))
-                    continue
-                sc.images += count_images(row["messages"])
-                sc.tokens.append(enc.full_length)
-                sc.supervised.append(enc.num_supervised)
-                sc.truncated += int(enc.truncated)
-                if enc.expected_image_tokens is not None and enc.expected_image_tokens != enc.num_image_tokens:
-                    sc.image_token_mismatches += 1
-                    sc.errors.append((source_index, (
-                        f"row {source_index}: {enc.num_image_tokens} image tokens in input_ids but the vision "
-                        f"tower yields {enc.expected_image_tokens} features")))
-                    continue
-                sc.ok += 1
-            report.splits[name] = sc
+        report = check_splits(self.datasets, self.collator(), splits, self.max_length)
         if verbose:
             print(report)
         return report
@@ -485,10 +289,6 @@ def build_processor(name_or_path: str, min_pixels: int | None = None, max_pixels
     Example:
         >>> proc = build_processor("Qwen/Qwen2.5-VL-7B-Instruct", max_pixels=802816)
     """
-    from transformers import AutoProcessor
-
-    from vlm_lightning.models.loading import resolve_model_path
-
     processor = AutoProcessor.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
     apply_pixel_bounds(processor, min_pixels, max_pixels)
     return processor
@@ -496,7 +296,8 @@ def build_processor(name_or_path: str, min_pixels: int | None = None, max_pixels
 
 def apply_pixel_bounds(processor: Any, min_pixels: int | None, max_pixels: int | None) -> None:
     """Set ``min_pixels``/``max_pixels`` on a Qwen-VL style image processor (no-op for other families,
-    whose images are resized by ``load_image`` instead). Checked after setting: reliability.md #8."""
+    whose images are resized by ``load_image`` instead). Checked after setting: a bound the
+    image processor silently ignored would change the training resolution unnoticed."""
     ip = getattr(processor, "image_processor", None)
     if ip is None or (min_pixels is None and max_pixels is None) or not hasattr(ip, "merge_size"):
         return

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-DEFAULT_MIN_SIDE = 28  # Qwen-VL's patch*merge factor; smaller sides get hallucinated over (reliability.md #9)
+from vlm_lightning.models.families import DEFAULT_MIN_SIDE  # smaller sides get hallucinated over
+
 MAX_ASPECT_RATIO = 200.0  # Qwen-VL's smart_resize refuses larger ratios
 _B64_RE = re.compile(r"^[A-Za-z0-9+/=_\-\s]+$")
 
@@ -216,7 +217,10 @@ def _download(url: str, timeout: float, retries: int) -> bytes:
             last = e
         if attempt < retries:
             time.sleep(0.5 * 2**attempt)
-    reason = f"HTTP Error {last.code} {last.reason}" if isinstance(last, urllib.error.HTTPError) else getattr(last, "reason", last)
+    if isinstance(last, urllib.error.HTTPError):
+        reason = f"HTTP Error {last.code} {last.reason}"
+    else:
+        reason = getattr(last, "reason", last)
     raise ImageLoadError(
         f"download failed after {attempts} attempt(s) (timeout {timeout}s): {reason}. "
         "Offline? Download the images and point the dataset at local paths."

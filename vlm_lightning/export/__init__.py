@@ -11,7 +11,7 @@ __all__ = ["merge_lora", "check_finite", "push_folder", "HubUploadError", "BaseW
 
 def __getattr__(name):  # gguf writer imported on first use (it pulls in numpy quantisers)
     if name == "to_gguf":
-        from .gguf import to_gguf
+        from .gguf import to_gguf  # heavy import: the gguf writer and its numpy quantisers
 
         return to_gguf
     raise AttributeError(name)

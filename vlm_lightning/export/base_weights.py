@@ -13,10 +13,15 @@ import warnings
 from pathlib import Path
 
 import torch
+import transformers
+from transformers import AutoConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+from vlm_lightning.models.hf import is_quantized
 
 __all__ = [
     "BaseWeightsMissing", "stock_model_class", "load_base_16bit", "check_base_loaded", "quantization_of_source",
-    "is_quantized", "dequantized_base_state_dict", "clean_merged_config", "write_stock_architectures",
+    "dequantized_base_state_dict", "clean_merged_config", "write_stock_architectures",
 ]
 
 
@@ -32,15 +37,11 @@ def stock_model_class(model=None, config=None):
         >>> stock_model_class(config=AutoConfig.from_pretrained("Qwen/Qwen2.5-VL-7B-Instruct")).__name__
         'Qwen2_5_VLForConditionalGeneration'
     """
-    import transformers
-
     if model is not None:
         for cls in type(model).__mro__:
             if cls.__module__.startswith("transformers."):
                 return cls
         raise TypeError(f"{type(model).__name__} is not a transformers model class or a subclass of one")
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
-
     try:
         return MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
     except KeyError:
@@ -67,20 +68,12 @@ def write_stock_architectures(directory: str | Path, model) -> None:
 def quantization_of_source(name_or_path: str) -> str | None:
     """'16bit' when `name_or_path` holds unquantised weights, 'quantized' for a pre-quantised checkpoint,
     None when its config cannot be read (missing folder, hub id while offline)."""
-    from transformers import AutoConfig
-
     try:
         cfg = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:  # not found / offline / not a model
         warnings.warn(f"cannot read a config from {name_or_path!r} ({type(err).__name__}: {err})", stacklevel=3)
         return None
     return "quantized" if getattr(cfg, "quantization_config", None) else "16bit"
-
-
-def is_quantized(model) -> bool:
-    if getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False):
-        return True
-    return getattr(getattr(model, "config", None), "quantization_config", None) is not None
 
 
 def _tied_keys(model) -> set[str]:
@@ -108,8 +101,6 @@ def check_base_loaded(model, info: dict, name_or_path: str) -> None:
 def load_base_16bit(name_or_path: str | None, dtype: torch.dtype, in_memory=None):
     """The unquantised base in `dtype` on CPU as the stock class, and how it was obtained: 'reloaded' from
     `name_or_path`, else 'dequantized'/'copied' from the in-memory base model (PEFT-free)."""
-    from transformers import AutoConfig
-
     kind = quantization_of_source(name_or_path) if name_or_path else None
     if kind == "16bit":
         cls = stock_model_class(in_memory) if in_memory is not None else \
@@ -143,7 +134,8 @@ def _rebuild_from_memory(base_model, dtype: torch.dtype):
     tied = _tied_keys(model)
     missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
     if missing or unexpected:
-        raise BaseWeightsMissing(f"rebuilding the base from memory failed: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise BaseWeightsMissing(f"rebuilding the base from memory failed: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}")
     model.tie_weights()
     if hasattr(base_model, "generation_config") and base_model.generation_config is not None:
         model.generation_config = base_model.generation_config
@@ -168,7 +160,8 @@ def dequantized_base_state_dict(base_model, dtype: torch.dtype) -> dict[str, tor
     """
     out: dict[str, torch.Tensor] = {}
     for mod_name, module in base_model.named_modules():
-        if ".modules_to_save." in f".{mod_name}." or ".lora_" in f".{mod_name}" or mod_name.split(".")[-1].startswith("lora_"):
+        leaf = mod_name.split(".")[-1]
+        if ".modules_to_save." in f".{mod_name}." or ".lora_" in f".{mod_name}" or leaf.startswith("lora_"):
             continue
         for pname, param in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             full = f"{mod_name}.{pname}" if mod_name else pname
@@ -177,7 +170,8 @@ def dequantized_base_state_dict(base_model, dtype: torch.dtype) -> dict[str, tor
             if pname in getattr(module, "_non_persistent_buffers_set", set()):
                 continue
             key = full.replace(".base_layer.", ".").replace(".original_module.", ".")
-            out[key] = _dequantize(param, module).to("cpu", dtype if param.is_floating_point() or _is_bnb(param) else None)
+            cast = dtype if param.is_floating_point() or _is_bnb(param) else None
+            out[key] = _dequantize(param, module).to("cpu", cast)
     return out
 
 
@@ -188,7 +182,7 @@ def _is_bnb(param) -> bool:
 def _dequantize(param, module) -> torch.Tensor:
     kind = type(param).__name__
     if kind == "Params4bit":
-        import bitsandbytes.functional as F
+        import bitsandbytes.functional as F  # optional dependency: only 4-bit bases need it
 
         return F.dequantize_4bit(param.data, param.quant_state).float()
     if kind == "Int8Params":

@@ -20,8 +20,13 @@ import warnings
 from pathlib import Path
 
 import torch
+from peft import PeftConfig, PeftModel, get_peft_model_state_dict
+from transformers import AutoConfig
 
-from ._source import ExportSource
+from vlm_lightning.models.tiny import resolve_model_path
+
+from .base_weights import stock_model_class
+from .source import ExportSource
 
 __all__ = ["is_deepspeed_checkpoint", "read_export_info", "source_from_checkpoint", "strip_wrapper_names"]
 
@@ -45,6 +50,8 @@ def _consolidate_deepspeed(path: Path) -> dict:
     the ``vlm_lightning`` block travels in its client state."""
     try:
         import deepspeed  # noqa: F401  # optional dependency: only DeepSpeed checkpoints need it
+
+        # Lightning's converter, which imports deepspeed itself
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
     except ImportError as err:
         raise ImportError(f"{path} is a DeepSpeed checkpoint folder; reading it needs the `deepspeed` package "
@@ -80,8 +87,6 @@ def read_export_info(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _peft_config(d: dict, path: Path):
-    from peft import PeftConfig
-
     try:
         cfg = PeftConfig.from_peft_type(**copy.deepcopy(d))
     except (TypeError, ValueError, KeyError) as err:
@@ -94,11 +99,6 @@ def _adapter_state_dict(peft_config, trained: dict[str, torch.Tensor], base_path
                         path: Path) -> dict[str, torch.Tensor]:
     """PEFT-module keys (``...lora_A.default.weight``, ``...modules_to_save.default...``) -> the keys of
     ``get_peft_model_state_dict``, by PEFT itself on a meta-device copy of the base (no weights read)."""
-    from peft import PeftModel, get_peft_model_state_dict
-    from transformers import AutoConfig
-
-    from .base_weights import stock_model_class
-
     config = AutoConfig.from_pretrained(base_path)
     cfg = copy.deepcopy(peft_config)
     if getattr(cfg, "init_lora_weights", True) not in (True, False):  # PiSSA & co. read base weights at init
@@ -124,8 +124,6 @@ def source_from_checkpoint(path: str | Path, base_name_or_path: str | None = Non
     Example:
         >>> src = source_from_checkpoint("runs/qwen/checkpoints/last.ckpt")  # doctest: +SKIP
     """
-    from vlm_lightning.models.loading import resolve_model_path
-
     path = Path(path)
     info, state = read_export_info(path)
     base = resolve_model_path(base_name_or_path or info["model_name_or_path"])

@@ -16,11 +16,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from .hub import HubUploadError, push_folder
+
 __all__ = ["export_main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .gguf import GGUF_QUANTS
+    from .gguf import GGUF_QUANTS  # heavy import: the gguf writer and its numpy quantisers
 
     p = argparse.ArgumentParser(prog="vlm-lightning export", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -28,9 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp, what: str):
         sp.add_argument("--checkpoint", required=True, help=f"adapter folder, Lightning .ckpt{what}")
         sp.add_argument("--out", required=True, help="output folder")
-        sp.add_argument("--base", default=None, help="16-bit base model (default: the one recorded in the adapter/ckpt)")
-        sp.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="merged weight dtype")
-        sp.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the result (token from HF_TOKEN)")
+        sp.add_argument("--base", default=None,
+                        help="16-bit base model (default: the one recorded in the adapter/ckpt)")
+        sp.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                        help="merged weight dtype")
+        sp.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                        help="upload the result (token from HF_TOKEN)")
         sp.add_argument("--public", action="store_true", help="create the Hub repo public (default private)")
 
     m = sub.add_parser("merge", help="merge the LoRA into 16-bit weights (sharded safetensors + processor)")
@@ -64,31 +69,28 @@ def export_main(argv: list[str] | None = None) -> int:
         0
     """
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    from .hub import HubUploadError
 
     try:
         if args.command == "push":
-            from .hub import push_folder
-
             print(push_folder(args.path, args.repo, private=not args.public))
             return 0
         ckpt = Path(args.checkpoint)
         if not ckpt.exists():
             raise FileNotFoundError(f"--checkpoint {ckpt} does not exist")
         if args.command == "merge":
-            from .merge import merge_lora
+            from .merge import merge_lora  # heavy import (peft, transformers): only for the merge
 
             out = merge_lora(ckpt, args.out, base_name_or_path=args.base, max_shard_size=args.max_shard_size,
                              dtype=args.dtype, push_to_hub=args.push_to_hub, private=not args.public)
             print(f"merged model written to {out}")
             return 0
-        from .gguf import to_gguf
+        from .gguf import to_gguf  # heavy import: the gguf writer
 
         out = Path(args.out)
         if _is_merged_folder(ckpt):
             merged = ckpt
         else:
-            from .merge import merge_lora
+            from .merge import merge_lora  # heavy import (peft, transformers): only for the merge
 
             merged = merge_lora(ckpt, out / "merged", base_name_or_path=args.base, dtype=args.dtype)
             print(f"merged model written to {merged}")
@@ -98,8 +100,6 @@ def export_main(argv: list[str] | None = None) -> int:
             for kind, path in paths.items():
                 print(f"{kind}: {path}")
         if args.push_to_hub:
-            from .hub import push_folder
-
             push_folder(out, args.push_to_hub, private=not args.public, allow_patterns=["*.gguf"])
         return 0
     except HubUploadError as err:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from huggingface_hub import HfApi
+
 __all__ = ["HubUploadError", "push_folder", "hub_offline"]
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -53,11 +55,11 @@ def push_folder(
             folder,
         )
     try:
-        from huggingface_hub import HfApi
-
         api = HfApi(token=token or os.environ.get("HF_TOKEN") or None)
         url = api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), allow_patterns=allow_patterns, commit_message=commit_message)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), allow_patterns=allow_patterns,
+                          commit_message=commit_message)
     except Exception as err:  # network, auth, permissions: all the same to the caller
-        raise HubUploadError(f"upload to the Hub repo {repo_id!r} failed ({type(err).__name__}: {err}); {where}", folder) from err
+        raise HubUploadError(f"upload to the Hub repo {repo_id!r} failed ({type(err).__name__}: {err}); {where}",
+                             folder) from err
     return str(url)

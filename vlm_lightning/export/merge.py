@@ -15,32 +15,83 @@ import shutil
 from pathlib import Path
 
 import torch
+from peft import PeftModel, set_peft_model_state_dict
 
-from ._source import ExportSource, load_processor, resolve_source
+from vlm_lightning.models.hf import resolve_dtype
+from vlm_lightning.models.tiny import resolve_model_path
+
 from .base_weights import clean_merged_config, load_base_16bit, stock_model_class
+from .checkpoint import is_deepspeed_checkpoint, source_from_checkpoint
+from .hub import push_folder
+from .source import (
+    ADAPTER_CONFIG,
+    ExportSource,
+    is_peft_model,
+    is_transformers_model,
+    load_processor,
+    source_from_adapter_dir,
+    source_from_full_model,
+    source_from_peft_model,
+)
 
-__all__ = ["merge_lora", "merge_lora_into", "apply_full_weights", "check_finite"]
-
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-           "float32": torch.float32, "fp32": torch.float32}
+__all__ = ["merge_lora", "merge_lora_into", "apply_full_weights", "check_finite", "resolve_source"]
 
 
 def _dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[str(dtype).replace("torch.", "")]
-    except KeyError:
-        raise ValueError(f"dtype={dtype!r}: use one of bfloat16, float16, float32") from None
+    """The merged weights' dtype (``models.hf.resolve_dtype``); "auto" is refused: the files need one."""
+    value = resolve_dtype(dtype) if dtype not in (None, "auto") else None
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"dtype={dtype!r}: use one of bfloat16, float16, float32")
+    return value
+
+
+def resolve_source(obj, base_name_or_path: str | None = None, processor=None) -> ExportSource:
+    """Accept a `PeftModel`, a module whose `.model` is a `PeftModel` (LoRA) or a transformers model (full
+    fine-tune), an adapter folder or a Lightning `.ckpt`."""
+    src = _resolve(obj, base_name_or_path, processor)
+    if src.base_name_or_path:  # tiny:<name> -> its folder
+        src.base_name_or_path = resolve_model_path(src.base_name_or_path)
+    return src
+
+
+def _resolve(obj, base_name_or_path: str | None, processor) -> ExportSource:
+    inner = getattr(obj, "model", None)
+    if is_peft_model(obj):
+        return source_from_peft_model(obj, processor, base_name_or_path)
+    if inner is not None and is_peft_model(inner):
+        return source_from_peft_model(inner, processor or getattr(obj, "processor", None), base_name_or_path)
+    if inner is not None and is_transformers_model(inner):
+        return source_from_full_model(inner, processor or getattr(obj, "processor", None), base_name_or_path)
+    if isinstance(obj, (str, Path)):
+        path = Path(obj)
+        if path.is_dir() and (path / ADAPTER_CONFIG).is_file():
+            src = source_from_adapter_dir(path, base_name_or_path)
+        elif (path.is_file() and path.suffix == ".ckpt") or is_deepspeed_checkpoint(path):
+            src = source_from_checkpoint(path, base_name_or_path)
+        elif path.is_dir() and (path / "config.json").is_file():
+            raise ValueError(f"{path} is a full model folder with no LoRA adapter (no {ADAPTER_CONFIG}): "
+                             "nothing to merge")
+        else:
+            raise FileNotFoundError(f"{path}: expected an adapter folder (with {ADAPTER_CONFIG}), a Lightning .ckpt "
+                                    "file or a DeepSpeed checkpoint folder (with checkpoint/)")
+        if processor is not None:
+            src.processor = processor
+        return src
+    raise TypeError(
+        f"cannot merge from {type(obj).__name__}: pass a PeftModel, a module with a PeftModel or transformers "
+        "`.model`, an adapter folder or a .ckpt"
+    )
 
 
 def check_finite(model_or_state_dict) -> None:
     """Raise `ValueError` naming the first tensor that holds NaN or Inf."""
-    items = model_or_state_dict.items() if isinstance(model_or_state_dict, dict) else model_or_state_dict.state_dict().items()
+    sd = model_or_state_dict if isinstance(model_or_state_dict, dict) else model_or_state_dict.state_dict()
+    items = sd.items()
     for name, t in items:
         if t.is_floating_point() and not torch.isfinite(t).all():
             n_bad = int((~torch.isfinite(t)).sum())
-            raise ValueError(f"merged weight {name!r} has {n_bad} NaN/Inf values: the adapter is broken, nothing was written")
+            raise ValueError(f"merged weight {name!r} has {n_bad} NaN/Inf values: the adapter is broken, "
+                             "nothing was written")
 
 
 def apply_full_weights(base_model, src: ExportSource):
@@ -61,8 +112,6 @@ def merge_lora_into(base_model, src: ExportSource, safe: bool = True):
     """Put the adapter of `src` onto `base_model` (plain transformers model) and merge it; returns the
     merged plain model. `safe=True` makes PEFT check every merged layer for NaN/Inf and then checks all
     weights once more."""
-    from peft import PeftModel, set_peft_model_state_dict
-
     cfg = copy.deepcopy(src.peft_config)
     cfg.inference_mode = True
     # PiSSA/OLoRA/LoftQ initialisations rewrite the base weights at injection: inject plainly, the saved
@@ -81,7 +130,8 @@ def merge_lora_into(base_model, src: ExportSource, safe: bool = True):
         merged = peft_model.merge_and_unload(safe_merge=safe)
     except ValueError as err:
         if "NaN" in str(err) or "nan" in str(err):
-            raise ValueError(f"merging the adapter from {src.origin} gives NaN/Inf weights ({err}); nothing was written") from err
+            raise ValueError(f"merging the adapter from {src.origin} gives NaN/Inf weights ({err}); "
+                             "nothing was written") from err
         raise
     if safe:
         check_finite(merged)
@@ -106,9 +156,10 @@ def merge_lora(
     `model_or_adapter_dir` is a `PeftModel`, a LightningModule whose `.model` is one or a fully fine-tuned
     transformers model (its `.processor` is saved too), a `PeftModel.save_pretrained` folder or a Lightning
     `.ckpt` (LoRA or full). `base_name_or_path` overrides the base recorded in the adapter / checkpoint. A
-    base whose files lack a weight is refused (`BaseWeightsMissing`) before anything is written. `safe=True` raises on NaN/Inf in the merged weights (before
-    anything is written). `push_to_hub="user/repo"` uploads the folder afterwards (token from `HF_TOKEN`);
-    when the upload fails the folder stays on disk and the error says where it is.
+    base whose files lack a weight is refused (`BaseWeightsMissing`) before anything is written. `safe=True`
+    raises on NaN/Inf in the merged weights (before anything is written). `push_to_hub="user/repo"` uploads the
+    folder afterwards (token from `HF_TOKEN`); when the upload fails the folder stays on disk and the error says
+    where it is.
 
     Example:
         >>> merge_lora("runs/demo/adapter", "runs/demo/merged", dtype="bfloat16")  # doctest: +SKIP
@@ -138,13 +189,12 @@ def merge_lora(
     (out / "merge_info.json").write_text(json.dumps({
         "base": src.base_name_or_path, "adapter": src.origin, "kind": "full" if src.is_full else "lora",
         "base_weights": how, "dtype": str(torch_dtype).replace("torch.", ""),
-        "lora_r": getattr(src.peft_config, "r", None), "target_modules": _jsonable(getattr(src.peft_config, "target_modules", None)),
+        "lora_r": getattr(src.peft_config, "r", None),
+        "target_modules": _jsonable(getattr(src.peft_config, "target_modules", None)),
         "processor_kwargs": src.processor_kwargs,
     }, indent=2, default=str))
     del merged, base
     if push_to_hub:
-        from .hub import push_folder
-
         push_folder(out, push_to_hub, private=private, commit_message="Upload merged model (vlm-lightning)")
     return out
 

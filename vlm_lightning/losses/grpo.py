@@ -20,7 +20,6 @@ Nothing here knows about models or Lightning, so every line is unit-tested with 
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -190,32 +189,6 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
 # ----------------------------------------------------------------------------------------------------------
 # Masks
 # ----------------------------------------------------------------------------------------------------------
-def completion_mask_from_ids(completion_ids: torch.Tensor, eos_token_ids: int | Sequence[int] | torch.Tensor,
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask of each completion up to and including its first EOS, and whether it was truncated.
-
-    Args:
-        completion_ids: (B, T) sampled tokens (anything after the first EOS is padding/garbage).
-        eos_token_ids: one id or several (e.g. ``<|im_end|>`` and ``<|endoftext|>``); all count as EOS.
-
-    Returns:
-        mask (B, T) int64, 1 on tokens up to and including the first EOS; is_truncated (B,) bool, True for
-        rows with no EOS in the T tokens (they hit ``max_new_tokens``).
-
-    Example:
-        >>> completion_mask_from_ids(torch.tensor([[5, 2, 0], [5, 6, 7]]), eos_token_ids=2)
-        (tensor([[1, 1, 0], [1, 1, 1]]), tensor([False,  True]))
-    """
-    eos = torch.as_tensor(eos_token_ids, device=completion_ids.device).flatten()
-    is_eos = torch.isin(completion_ids, eos)  # (B, T)
-    b, t = completion_ids.shape
-    has_eos = is_eos.any(dim=1)  # (B,)
-    first = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full((b,), t, device=completion_ids.device))
-    pos = torch.arange(t, device=completion_ids.device).unsqueeze(0)  # (1, T)
-    mask = (pos <= first.unsqueeze(1)).long()
-    return mask, ~has_eos
-
-
 def mask_truncated_completions(completion_mask: torch.Tensor, is_truncated: torch.Tensor) -> torch.Tensor:
     """Zero the mask of completions that never emitted EOS (DAPO's overlong filtering).
 
@@ -229,30 +202,8 @@ def mask_truncated_completions(completion_mask: torch.Tensor, is_truncated: torc
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Log-probs, ratios, KL
+# Ratios, KL
 # ----------------------------------------------------------------------------------------------------------
-def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """log_softmax(logits)[index] without materialising the full log-softmax at once.
-
-    Args:
-        logits: (..., V). index: (...) token ids.
-
-    Returns:
-        (...) float32 log-probs. Rows are processed one batch row at a time so the peak extra memory
-        is one row's (T, V) fp32 copy rather than (B, T, V) (OpenRLHF PR#718, TRL's helper).
-    """
-    if logits.dim() == 1:
-        raise ValueError("logits must have a vocab dimension (..., V)")
-    flat = logits.reshape(-1, logits.shape[-2], logits.shape[-1]) if logits.dim() > 2 else logits.unsqueeze(0)
-    idx = index.reshape(flat.shape[:-1])
-    out = []
-    for row_logits, row_idx in zip(flat, idx):
-        lse = torch.logsumexp(row_logits.float(), dim=-1)  # (T,)
-        tok = torch.gather(row_logits, -1, row_idx.unsqueeze(-1)).squeeze(-1).float()
-        out.append(tok - lse)
-    return torch.stack(out).reshape(index.shape)
-
-
 def importance_log_weights(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor,
                            level: ImportanceLevel = "token", clip: float = 20.0) -> torch.Tensor:
     """Log importance weight log w of the current policy against the sampling policy.
@@ -283,12 +234,6 @@ def importance_log_weights(logp: torch.Tensor, old_logp: torch.Tensor, mask: tor
         lp = logp.float()
         return lp - lp.detach() + seq.detach().clamp(-clip, clip)
     raise ValueError(f"level={level!r}: expected one of {_LEVELS}")
-
-
-def importance_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor,
-                     level: ImportanceLevel = "token", clip: float = 20.0) -> torch.Tensor:
-    """exp(importance_log_weights(...)): (B, T) for "token"/"sequence_token", (B, 1) for "sequence"."""
-    return torch.exp(importance_log_weights(logp, old_logp, mask, level, clip))
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, clip: float = 20.0) -> torch.Tensor:
@@ -405,13 +350,7 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advan
     return loss, metrics
 
 
-def count_active_tokens(mask: torch.Tensor) -> torch.Tensor:
-    """sum(mask) as an int64 scalar: what each micro-batch contributes to DAPO's ``num_items_in_batch``."""
-    return mask.sum().to(torch.int64)
-
-
 __all__ = [
-    "GRPOLossConfig", "group_advantages", "completion_mask_from_ids", "mask_truncated_completions",
-    "selective_log_softmax", "importance_log_weights", "importance_ratio", "k3_kl", "aggregate_loss",
-    "clipped_policy_loss", "count_active_tokens",
+    "GRPOLossConfig", "group_advantages", "mask_truncated_completions", "importance_log_weights", "k3_kl",
+    "aggregate_loss", "clipped_policy_loss",
 ]

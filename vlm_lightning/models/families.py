@@ -1,6 +1,11 @@
-"""Where each VLM family keeps its parts, and what its forward needs.
+"""THE family table: where each VLM family keeps its parts, its vision tokens, and its llama.cpp layout.
 
-One `FamilySpec` per family. Attribute paths are dotted paths from the `*ForConditionalGeneration`
+One `FamilySpec` per family; every room asks here instead of keeping its own list. The second half of the
+file answers the family questions the data pipeline asks of a *processor* (the one object a collator has):
+its image token, every vision special token, the smallest usable image side, whether the forward needs
+``mm_token_type_ids``, and how many image features the vision tower yields. What is left out: facts a loaded
+model answers itself (``models.hf``), and the GGUF converters (``export.gguf.arch``, keyed by the llama.cpp
+names recorded here). Attribute paths are dotted paths from the `*ForConditionalGeneration`
 model (what `AutoModelForImageTextToText` returns); `model.get_submodule(spec.vision_tower)` finds
 the module. Checked against transformers 5.17 and 5.24 modeling code (same layout in both:
 `model.language_model`, `model.visual` / `model.vision_tower`, `model.multi_modal_projector`,
@@ -10,13 +15,16 @@ Example:
     >>> spec = get_family_spec("qwen2_5_vl")
     >>> spec.decoder_layers
     'model.language_model.layers'
-    >>> get_family_spec(model).name  # from a model, a config, or a model_type string
+    >>> get_family_spec(model).name  # from a model, a config (object or config.json dict), or a model_type
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 SWIGLU_MLP = ("gate_proj", "up_proj", "down_proj")
@@ -42,17 +50,12 @@ class FamilySpec:
         attention_modules: Linear names inside a text decoder layer's attention.
         mlp_modules: Linear names inside a text decoder layer's MLP.
         vision_attention_modules / vision_mlp_modules: the same inside a vision block.
-        norm: "rms" (x * w) or "gemma_rms" (x * (1 + w)).
-        mlp_act: "swiglu" (silu(gate) * up) or "geglu_tanh" (gelu_tanh(gate) * up).
-        rope: "mrope" (3-D multimodal RoPE, position_ids (3, B, T)) or "rope".
-        image_token: the placeholder token that the processor repeats once per image feature.
         image_special_tokens: every image-related token that must never carry a label (placeholder,
-            begin/end/break markers).
-        needs_mm_token_type_ids: the forward needs `mm_token_type_ids` (transformers 5 Qwen-VL M-RoPE).
-        processor_outputs: the keys, besides input_ids/attention_mask, that the processor returns
-            for an image batch and the forward consumes.
-        min_image_side: images with a side below this (px) are degenerate for the family.
-        tie_word_embeddings_typical: whether the reference checkpoints tie lm_head to the embeddings.
+            begin/end/break markers); the collator masks each one the tokenizer has.
+        gguf_text_arch: llama.cpp's architecture for the language model ("qwen2vl", "gemma3", "llama",
+            "mistral3"), or None when there is no GGUF export.
+        gguf_projector: llama.cpp's projector type of the mmproj file ("qwen2vl_merger", "pixtral", ...).
+        gguf_refusal: why a family has no GGUF export (said in the error), or "".
     """
 
     name: str
@@ -68,116 +71,85 @@ class FamilySpec:
     mlp_modules: tuple[str, ...]
     vision_attention_modules: tuple[str, ...]
     vision_mlp_modules: tuple[str, ...]
-    norm: str
-    mlp_act: str
-    rope: str
-    image_token: str
     image_special_tokens: tuple[str, ...]
-    needs_mm_token_type_ids: bool
-    processor_outputs: tuple[str, ...]
-    min_image_side: int
     text_model_types: tuple[str, ...] = ()
     vision_model_types: tuple[str, ...] = ()
+    gguf_text_arch: str | None = None
+    gguf_projector: str | None = None
+    gguf_refusal: str = ""
 
 
-_QWEN_COMMON = dict(
+# every family's language model sits under model.language_model (transformers 5 layout)
+_DECODER = dict(
     language_model="model.language_model",
-    vision_tower="model.visual",
-    projector="model.visual.merger",
     lm_head="lm_head",
     decoder_layers="model.language_model.layers",
-    vision_layers="model.visual.blocks",
     embed_tokens="model.language_model.embed_tokens",
     attention_modules=ATTENTION,
     mlp_modules=SWIGLU_MLP,
-    norm="rms",
-    mlp_act="swiglu",
-    rope="mrope",
-    image_token="<|image_pad|>",
-    image_special_tokens=("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"),
-    needs_mm_token_type_ids=True,
-    processor_outputs=("pixel_values", "image_grid_thw", "mm_token_type_ids"),
-    min_image_side=28,  # smart_resize factor: patch 14 x merge 2
+)
+
+_QWEN_COMMON = dict(
+    _DECODER,
+    vision_tower="model.visual",
+    projector="model.visual.merger",
+    vision_layers="model.visual.blocks",
+    image_special_tokens=("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|vision_pad|>"),
+    gguf_text_arch="qwen2vl",
 )
 
 # LLaVA-style (vision_tower + multi_modal_projector + language_model under `model`).
-_LLAVA_PATHS = dict(
-    language_model="model.language_model",
-    vision_tower="model.vision_tower",
-    projector="model.multi_modal_projector",
-    lm_head="lm_head",
-    decoder_layers="model.language_model.layers",
-    embed_tokens="model.language_model.embed_tokens",
-    attention_modules=ATTENTION,
-    mlp_modules=SWIGLU_MLP,
-)
+_LLAVA_PATHS = dict(_DECODER, vision_tower="model.vision_tower", projector="model.multi_modal_projector")
 _PIXTRAL_VISION = dict(
     vision_layers="model.vision_tower.transformer.layers",
     vision_attention_modules=ATTENTION,  # PixtralAttention: q/k/v/o_proj
     vision_mlp_modules=SWIGLU_MLP,  # PixtralMLP: gate/up/down_proj
 )
-_MISTRAL_IMAGE_TOKENS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]")
+_MISTRAL = dict(image_special_tokens=("[IMG]", "[IMG_BREAK]", "[IMG_END]"), gguf_projector="pixtral")
 
 FAMILIES: dict[str, FamilySpec] = {
     "qwen2_vl": FamilySpec(
         name="qwen2_vl", model_types=("qwen2_vl",),
         # VisionAttention has a fused `qkv` and `proj`; VisionMlp has fc1/fc2 (quick_gelu).
-        vision_attention_modules=("qkv", "proj"), vision_mlp_modules=("fc1", "fc2"),
+        vision_attention_modules=("qkv", "proj"), vision_mlp_modules=("fc1", "fc2"), gguf_projector="qwen2vl_merger",
         **_QWEN_COMMON,
     ),
     "qwen2_5_vl": FamilySpec(
         name="qwen2_5_vl", model_types=("qwen2_5_vl",),
         # Qwen2.5-VL vision blocks use a gated (SwiGLU) MLP.
-        vision_attention_modules=("qkv", "proj"), vision_mlp_modules=SWIGLU_MLP,
+        vision_attention_modules=("qkv", "proj"), vision_mlp_modules=SWIGLU_MLP, gguf_projector="qwen2.5vl_merger",
         **_QWEN_COMMON,
     ),
     "llava_next": FamilySpec(
         name="llava_next", model_types=("llava_next",),
         vision_layers="model.vision_tower.encoder.layers",  # CLIPVisionModel (flat in transformers 5)
         vision_attention_modules=("q_proj", "k_proj", "v_proj", "out_proj"), vision_mlp_modules=("fc1", "fc2"),
-        norm="rms", mlp_act="swiglu", rope="rope",
-        image_token="<image>", image_special_tokens=("<image>",),
-        needs_mm_token_type_ids=False, processor_outputs=("pixel_values", "image_sizes"),
-        min_image_side=14,  # one CLIP patch
+        image_special_tokens=("<image>",),
+        gguf_refusal="LLaVA-NeXT has no converter mapping in llama.cpp (only the legacy llava-surgery path, whose "
+                     "anyres/spatial_unpad tensors clip.cpp does not load from a transformers checkpoint)",
         **_LLAVA_PATHS,
     ),
     "pixtral": FamilySpec(
-        name="pixtral", model_types=("llava",), vision_model_types=("pixtral",),
-        norm="rms", mlp_act="swiglu", rope="rope",
-        image_token="[IMG]", image_special_tokens=_MISTRAL_IMAGE_TOKENS,
-        needs_mm_token_type_ids=False, processor_outputs=("pixel_values", "image_sizes"),
-        min_image_side=16,  # one Pixtral-12B patch
-        **_LLAVA_PATHS, **_PIXTRAL_VISION,
+        name="pixtral", model_types=("llava",), vision_model_types=("pixtral",), gguf_text_arch="llama",
+        **_LLAVA_PATHS, **_PIXTRAL_VISION, **_MISTRAL,
     ),
     "gemma3": FamilySpec(
         name="gemma3", model_types=("gemma3",),
         vision_layers="model.vision_tower.encoder.layers",  # SiglipVisionModel (flat in transformers 5)
         vision_attention_modules=("q_proj", "k_proj", "v_proj", "out_proj"), vision_mlp_modules=("fc1", "fc2"),
-        norm="gemma_rms", mlp_act="geglu_tanh", rope="rope",
-        image_token="<image_soft_token>",
         image_special_tokens=("<image_soft_token>", "<start_of_image>", "<end_of_image>"),
-        # token_type_ids (1 on image tokens) turn on bidirectional attention inside an image in training.
-        needs_mm_token_type_ids=False, processor_outputs=("pixel_values", "token_type_ids"),
-        min_image_side=14,  # one SigLIP patch; every image is resized to the fixed square input
+        gguf_text_arch="gemma3", gguf_projector="gemma3",
         **_LLAVA_PATHS,
     ),
     "mistral3": FamilySpec(
-        name="mistral3", model_types=("mistral3",), text_model_types=("ministral3",),
-        norm="rms", mlp_act="swiglu", rope="rope",
-        image_token="[IMG]", image_special_tokens=_MISTRAL_IMAGE_TOKENS,
-        needs_mm_token_type_ids=False, processor_outputs=("pixel_values", "image_sizes"),
-        # patch 14 x spatial merge 2. Known transformers bug (5.17 and 5.24): a batch whose images give ONE
-        # feature in total (a single image <= 28x28) crashes in get_image_features (`squeeze(0)`).
-        min_image_side=28,
-        **_LLAVA_PATHS, **_PIXTRAL_VISION,
+        name="mistral3", model_types=("mistral3",), text_model_types=("ministral3",), gguf_text_arch="mistral3",
+        # patch 14 x spatial merge 2 (the processor's min side, 28). Known transformers bug (5.17 and 5.24): a
+        # batch whose images give ONE feature in total (a single image <= 28x28) crashes in get_image_features.
+        **_LLAVA_PATHS, **_PIXTRAL_VISION, **_MISTRAL,
     ),
     "mistral3_small": FamilySpec(
-        name="mistral3_small", model_types=("mistral3",), text_model_types=("mistral",),
-        norm="rms", mlp_act="swiglu", rope="rope",
-        image_token="[IMG]", image_special_tokens=_MISTRAL_IMAGE_TOKENS,
-        needs_mm_token_type_ids=False, processor_outputs=("pixel_values", "image_sizes"),
-        min_image_side=28,  # patch 14 x spatial merge 2
-        **_LLAVA_PATHS, **_PIXTRAL_VISION,
+        name="mistral3_small", model_types=("mistral3",), text_model_types=("mistral",), gguf_text_arch="mistral3",
+        **_LLAVA_PATHS, **_PIXTRAL_VISION, **_MISTRAL,
     ),
 }
 
@@ -189,8 +161,18 @@ def _config_of(obj: Any) -> Any:
     return getattr(obj, "config", obj)
 
 
+def _model_type(config: Any, sub: str | None = None) -> str | None:
+    """``model_type`` of a config (object or config.json dict), or of its ``text_config``/``vision_config``."""
+    if sub is not None:
+        config = config.get(sub) if isinstance(config, dict) else getattr(config, sub, None)
+    if isinstance(config, dict):
+        return config.get("model_type")
+    return getattr(config, "model_type", None)
+
+
 def get_family_spec(model_or_config_or_model_type: Any) -> FamilySpec:
-    """Return the `FamilySpec` for a model, a `PretrainedConfig`, a family key or a model_type string.
+    """Return the `FamilySpec` for a model, a `PretrainedConfig` (or its config.json dict), a family key or a
+    model_type string.
 
     A top-level model_type shared by several families (`llava`, `mistral3`) is resolved through the
     vision or text sub-config. A bare "mistral3" string means the Ministral-3 shape ("mistral3").
@@ -207,10 +189,9 @@ def get_family_spec(model_or_config_or_model_type: Any) -> FamilySpec:
         if not matches:
             raise ValueError(f"unknown VLM family or model_type {x!r}; known: {', '.join(FAMILIES)}")
         return matches[0]
-    config = _config_of(x)
-    model_type = getattr(config, "model_type", None)
-    text_type = getattr(getattr(config, "text_config", None), "model_type", None)
-    vision_type = getattr(getattr(config, "vision_config", None), "model_type", None)
+    config = x if isinstance(x, dict) else _config_of(x)
+    model_type = _model_type(config)
+    text_type, vision_type = _model_type(config, "text_config"), _model_type(config, "vision_config")
     for spec in FAMILIES.values():
         if model_type not in spec.model_types:
             continue
@@ -225,4 +206,100 @@ def get_family_spec(model_or_config_or_model_type: Any) -> FamilySpec:
     )
 
 
-__all__ = ["FAMILIES", "FamilySpec", "get_family_spec"]
+
+# ----------------------------------------------------------------------------------------------------
+# what a processor tells about its family (the collator holds a processor, not a model)
+
+#: Smallest image side when the processor names no patch size: Qwen-VL's patch 14 x merge 2.
+DEFAULT_MIN_SIDE = 28
+#: Vision special tokens of every family (plus LLaVA-NeXT-Video's ``<video>``); a processor's tokenizer has
+#: those of its own family.
+VISION_TOKEN_STRINGS = (*dict.fromkeys(t for spec in FAMILIES.values() for t in spec.image_special_tokens), "<video>")
+# processor attributes that name vision special tokens (their spellings vary with the checkpoint)
+_VISION_TOKEN_ATTRS = (
+    "image_token", "video_token", "boi_token", "eoi_token", "image_break_token", "image_end_token",
+    "vision_start_token", "vision_end_token",
+)
+
+
+def image_token_id(processor) -> int | None:
+    """Id of the token that stands for one vision feature (Gemma 3's processor names its <start_of_image>
+    marker ``image_token``; the feature token is the tokenizer's ``<image_soft_token>``)."""
+    tok = getattr(processor, "tokenizer", None)
+    tid = getattr(tok, "image_token_id", None) if tok is not None else None
+    if not isinstance(tid, int):
+        tid = getattr(processor, "image_token_id", None)
+    if tid is None and getattr(processor, "image_token", None) is not None:
+        tok = getattr(processor, "tokenizer", processor)
+        tid = tok.convert_tokens_to_ids(processor.image_token)
+    return None if tid is None else int(tid)
+
+
+def vision_token_ids(processor) -> torch.Tensor:
+    """(K,) sorted ids of every vision special token the processor's tokenizer has: never labels."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    vocab = tokenizer.get_vocab()
+    strings = set(VISION_TOKEN_STRINGS)
+    strings.update(s for a in _VISION_TOKEN_ATTRS if isinstance(s := getattr(processor, a, None), str))
+    ids = {vocab[s] for s in strings if s in vocab}
+    tid = image_token_id(processor)
+    if tid is not None:
+        ids.add(tid)
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+def min_image_side(processor) -> int:
+    """Smallest image side the family's vision tower can use: one (merged) patch."""
+    ip = getattr(processor, "image_processor", None)
+    if getattr(ip, "merge_size", None) and getattr(ip, "patch_size", None):  # Qwen-VL: patch 14 x merge 2
+        return int(ip.patch_size) * int(ip.merge_size)
+    if getattr(processor, "patch_size", None):  # LLaVA-NeXT, Pixtral, Mistral 3
+        return int(processor.patch_size) * int(getattr(processor, "spatial_merge_size", None) or 1)
+    if hasattr(processor, "image_seq_length"):  # Gemma 3: one SigLIP patch
+        return 14
+    return DEFAULT_MIN_SIDE
+
+
+def needs_mm_token_type_ids(processor) -> bool:
+    """The forward needs ``mm_token_type_ids`` (transformers 5 Qwen-VL M-RoPE), even where the processor
+    does not return them."""
+    if "mm_token_type_ids" in (getattr(processor, "model_input_names", None) or []):
+        return True
+    return type(processor).__name__.startswith("Qwen")
+
+
+def expected_image_tokens(processor, vision: Mapping[str, torch.Tensor], num_images: int) -> int | None:
+    """Number of features the vision tower yields for one row's images, from the processor's outputs.
+
+    Qwen-VL: ``prod(image_grid_thw) / merge_size**2``; Pixtral/Mistral 3: one per (merged) patch of each
+    ``image_sizes`` entry; LLaVA-NeXT: the anyres feature count incl. newline tokens; Gemma 3: a fixed
+    ``image_seq_length`` per image. ``None`` when the family is unknown.
+    """
+    if num_images == 0:
+        return 0
+    ip = getattr(processor, "image_processor", None)
+    if "image_grid_thw" in vision:
+        merge = int(getattr(ip, "merge_size", 2))
+        return int(vision["image_grid_thw"].prod(-1).sum()) // merge**2
+    if hasattr(processor, "image_seq_length") and "image_sizes" not in vision:  # Gemma 3
+        return int(processor.image_seq_length) * int(vision["pixel_values"].shape[0])
+    if "image_sizes" in vision and hasattr(processor, "_get_number_of_features"):  # LLaVA-NeXT
+        h, w = vision["pixel_values"].shape[-2:]
+        total = 0
+        for oh, ow in vision["image_sizes"].tolist():
+            n = processor._get_number_of_features(int(oh), int(ow), int(h), int(w))
+            if getattr(processor, "vision_feature_select_strategy", "default") == "default":
+                n -= 1
+            total += n
+        return total
+    if "image_sizes" in vision and getattr(processor, "patch_size", None):  # Pixtral / Mistral 3
+        merge = int(getattr(processor, "spatial_merge_size", None) or 1)
+        step = int(processor.patch_size) * merge
+        return sum((int(h) // step) * (int(w) // step) for h, w in vision["image_sizes"].tolist())
+    return None
+
+
+__all__ = [
+    "DEFAULT_MIN_SIDE", "FAMILIES", "FamilySpec", "VISION_TOKEN_STRINGS", "expected_image_tokens", "get_family_spec",
+    "image_token_id", "min_image_side", "needs_mm_token_type_ids", "vision_token_ids",
+]

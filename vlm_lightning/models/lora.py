@@ -1,7 +1,7 @@
 """LoRA from Unsloth-style switches: which part (language / vision / projector) and which modules
 (attention / MLP) to adapt, turned into one PEFT target regex from the family table; everything else frozen.
 
-What this file guards against (see shared/notes/reliability.md items 11-13):
+What this file guards against:
   * LoRA landing on the "frozen" vision tower, or missing it: targets are chosen by module *path* under the
     family's language model / vision tower, and the resulting trainable set is exactly those modules.
   * gradient checkpointing killing LoRA gradients: non-reentrant checkpointing, plus input-gradient hooks on
@@ -9,6 +9,12 @@ What this file guards against (see shared/notes/reliability.md items 11-13):
   * bf16 LoRA silently kept fp32 by PEFT (or 4-bit models upcast wholesale to fp32 by
     ``prepare_model_for_kbit_training``): LoRA weights are cast to the compute dtype (``lora_dtype``), and
     4-bit models are prepared without touching the dtype of the frozen weights.
+
+``fuse_lora_forward`` (a speed lever, exact): PEFT's ``result + lora_B(lora_A(dropout(x))) * scaling`` (two
+extra elementwise passes over the (N, out) output forward, one backward, plus a cast when dtypes differ) becomes
+``y = base(x); y.addmm_(x @ A^T, B^T, alpha=scaling)``: the update goes into the base GEMM output in place
+(cuBLAS beta=1), as Unsloth's ``matmul_lora``. Only for dropout 0, vanilla LoRA (no DoRA/bias), LoRA weights in
+the input dtype, no autocast; anything else runs PEFT's own forward.
 
 Example:
     >>> model, processor = load_vlm("Qwen/Qwen2.5-VL-7B-Instruct", quantization="4bit")
@@ -23,6 +29,12 @@ from typing import Iterable
 
 import torch
 import torch.nn as nn
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import Linear as LoraLinear
+
+from .families import get_family_spec
+from .hf import compute_dtype, is_quantized, resolve_dtype
+from .patch import swap_forward
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +55,8 @@ def _under(name: str, prefix: str | None) -> bool:
     return bool(prefix) and (name == prefix or name.startswith(prefix + "."))
 
 
-def _component(name: str, root: str, attention_leaves: Iterable[str] = (), mlp_leaves: Iterable[str] = ()) -> str | None:
+def _component(name: str, root: str, attention_leaves: Iterable[str] = (),
+               mlp_leaves: Iterable[str] = ()) -> str | None:
     """"attention", "mlp" or None for a linear ``name`` under ``root``: by its leaf name when the family
     table lists it, else by the first attention/MLP-like segment of its path (``attn.qkv``, ``mlp.fc1``)."""
     leaf = name.rsplit(".", 1)[-1]
@@ -131,26 +144,6 @@ def _check_patterns_match(model: nn.Module, target_modules, modules_to_save) -> 
                              f"{type(model).__name__}")
 
 
-def is_quantized(model: nn.Module) -> bool:
-    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
-                or getattr(model, "hf_quantizer", None) is not None)
-
-
-def compute_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype activations run in: the 4-bit compute dtype, else the dtype of the 16/32-bit weights."""
-    qcfg = getattr(getattr(model, "config", None), "quantization_config", None)
-    if qcfg is not None:
-        value = qcfg.get("bnb_4bit_compute_dtype") if isinstance(qcfg, dict) else getattr(qcfg, "bnb_4bit_compute_dtype", None)
-        if isinstance(value, str):
-            value = getattr(torch, value.removeprefix("torch."), None)
-        if isinstance(value, torch.dtype):
-            return value
-    for p in model.parameters():
-        if p.is_floating_point() and p.dtype not in (torch.uint8, torch.int8):
-            return p.dtype
-    return torch.float32
-
-
 def _make_output_require_grad(module, inputs, output):
     if isinstance(output, torch.Tensor) and output.is_floating_point():
         output.requires_grad_(True)
@@ -193,8 +186,6 @@ def resolve_lora_dtype(model: nn.Module, lora_dtype) -> torch.dtype:
         return compute_dtype(model)
     if isinstance(lora_dtype, torch.dtype):
         return lora_dtype
-    from .loading import resolve_dtype
-
     return resolve_dtype(lora_dtype)
 
 
@@ -228,10 +219,6 @@ def apply_lora(model: nn.Module, r: int = 16, lora_alpha: int = 16, lora_dropout
     Example:
         >>> model = apply_lora(model, r=8, finetune_vision_layers=True, finetune_projector=True)
     """
-    from peft import LoraConfig, get_peft_model
-
-    from .families import get_family_spec
-
     spec = get_family_spec(model)
     _check_patterns_match(model, target_modules, modules_to_save)
     if target_modules is None:
@@ -273,8 +260,6 @@ def apply_lora(model: nn.Module, r: int = 16, lora_alpha: int = 16, lora_dropout
 
 def prepare_full_finetune(model: nn.Module, gradient_checkpointing: bool = True, use_reentrant: bool = False):
     """Train every weight (``lora=False``): all parameters trainable, optional activation checkpointing."""
-    from .families import get_family_spec
-
     if is_quantized(model):
         raise ValueError("full fine-tuning of a 4-/8-bit model is not possible: load it in 16 bits "
                          "(quantization: null) or use LoRA")
@@ -285,6 +270,68 @@ def prepare_full_finetune(model: nn.Module, gradient_checkpointing: bool = True,
     return model
 
 
-def trainable_state_dict(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Only the parameters that train (LoRA, ``modules_to_save`` copies, or all for a full fine-tune)."""
-    return {prefix + n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+# ------------------------------------------------------------------------------------- fused forward
+def _fused_lora_ok(layer: nn.Module, x: torch.Tensor, args, kwargs) -> bool:
+    if args or kwargs or layer.disable_adapters or layer.merged:
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return False
+    for name in layer.active_adapters:
+        if name not in layer.lora_A:
+            continue
+        if name in getattr(layer, "lora_variant", {}) or not isinstance(layer.lora_dropout[name], nn.Identity):
+            return False
+        a, b = layer.lora_A[name], layer.lora_B[name]
+        if not (isinstance(a, nn.Linear) and isinstance(b, nn.Linear)) or a.bias is not None or b.bias is not None:
+            return False
+        if a.weight.dtype != x.dtype or b.weight.dtype != x.dtype:
+            return False
+    return True
+
+
+def _make_fused_lora_forward(original):
+    def forward(self, x, *args, **kwargs):
+        if not _fused_lora_ok(self, x, args, kwargs):
+            return original(self, x, *args, **kwargs)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in): 2-D, so the in-place add below needs no view of the output
+        out = self.base_layer(x2)  # (N, out)
+        if out.dtype != x.dtype or out.dim() != 2:  # e.g. a 4-bit base computing in another dtype
+            return original(self, x, *args, **kwargs)
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            xa = x2 @ self.lora_A[name].weight.t()  # (N, r)
+            out.addmm_(xa, self.lora_B[name].weight.t(), alpha=self.scaling[name])  # out += s * xa @ B^T
+        return out.view(*lead, out.shape[-1])
+    return forward
+
+
+def _lora_linear_classes() -> tuple[type, ...]:
+    classes = [LoraLinear]
+    try:
+        from peft.tuners.lora.bnb import Linear4bit  # optional dependency: bitsandbytes
+
+        classes.append(Linear4bit)
+    except ImportError:  # no bitsandbytes
+        pass
+    return tuple(classes)
+
+
+def fuse_lora_forward(model: nn.Module) -> int:
+    """Swap every PEFT LoRA ``Linear`` (and bitsandbytes ``Linear4bit``) forward for the fused one
+    (``y = base(x); y.addmm_(x @ A^T, B^T, alpha=scaling)``). Returns how many layers were swapped.
+
+    The fast path runs only where it is exact: vanilla LoRA, dropout 0, no adapter mixing, LoRA weights in
+    the input's dtype, autocast off; otherwise the layer runs PEFT's own forward (same result, slower).
+
+    Example:
+        >>> fuse_lora_forward(peft_model)       # 196 for Qwen2.5-VL-7B with LoRA on all LM linears
+    """
+    classes = _lora_linear_classes()
+    n = 0
+    for module in model.modules():
+        if isinstance(module, classes) and hasattr(module, "lora_A"):
+            swap_forward(module, "fused_lora", _make_fused_lora_forward)
+            n += 1
+    return n

@@ -16,7 +16,7 @@ One training step = one batch of B prompts (with their images) from a prompt-onl
 ``Trainer(max_steps=...)`` counts optimiser steps, i.e. ``num_iterations`` per prompt batch.
 
 The loss math lives in ``vlm_lightning.losses.grpo`` (pure, hand-tested); the rollout pieces in
-``vlm_lightning.modules.grpo_rollout``. Deliberately left out: vLLM / a separate inference engine,
+``vlm_lightning.rollout``. Deliberately left out: vLLM / a separate inference engine,
 reward models as ``nn.Module``, multi-turn environments, and TRL's cispo/sapo/luspo/vespo losses.
 
 Example:
@@ -31,13 +31,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from peft import load_peft_weights, set_peft_model_state_dict
 from torch import nn
 
+from ..distributed.checks import shards_parameters
 from ..losses.grpo import (
     GRPOLossConfig,
     clipped_policy_loss,
@@ -46,42 +49,31 @@ from ..losses.grpo import (
 from ..losses.grpo import (
     mask_truncated_completions as _mask_truncated,
 )
-from ..rewards.base import compute_rewards, reward_name
-from .grpo_rollout import (
-    Completions,
-    completion_logprobs,
-    eos_token_ids,
-    model_inputs,
-    postprocess_completions,
-    sample_completions,
-    tile_batch,
-    vision_placeholder_ids,
-)
-from .sft import VisionSFTModule
+from ..models.hf import model_inputs
+from ..rewards import OCRReward, RewardSet
+from ..rollout import Rollout, completion_logprobs, generate, tile_batch
+from .base import VisionModule
+from .grpo_report import log_samples, nan_stats, rollout_metrics, sample_rows
 
 log = logging.getLogger(__name__)
 
 REFERENCE_ADAPTER = "grpo_reference"
 
 
-def _nan_stats(x: torch.Tensor) -> tuple[float, float]:
-    v = x[~torch.isnan(x)]
-    if v.numel() == 0:
-        return float("nan"), float("nan")
-    return float(v.mean()), float(v.std()) if v.numel() > 1 else 0.0
-
-
 def _default_grpo_optimizer(params):
     return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
 
 
-class VisionGRPOModule(VisionSFTModule):
+class VisionGRPOModule(VisionModule):
     """GRPO-family RL fine-tuning of a LoRA VLM policy with reward callables.
 
-    Model loading, LoRA switches, kernels, trainable-only checkpoints and ``save_adapter`` are
-    ``VisionSFTModule``'s (its arguments pass through ``**kwargs``: quantization, dtype, r, lora_alpha,
-    finetune_*, use_kernels, gradient_checkpointing, scheduler...). ``use_kernels`` also switches the token
-    log-probs to ``fused_linear_token_logprobs`` on the decoder's hidden states.
+    Model building, LoRA switches, kernels, trainable-only checkpoints and ``save_adapter`` are the shared
+    base's, ``modules.base.VisionModule`` (its arguments pass through ``**kwargs``: quantization, dtype, r,
+    lora_alpha, finetune_*, use_kernels, gradient_checkpointing, scheduler...); nothing comes from the SFT
+    module, whose hooks (token-mean gradient rescaling, throughput from the batch) do not fit RL.
+    ``use_kernels`` also switches the token log-probs to ``fused_linear_token_logprobs`` on the decoder's
+    hidden states. ``train/tokens_per_s`` counts the prompt tokens of every tile plus the completions over the
+    whole step (rollout, scoring and updates).
 
     Args:
         model_name_or_path: hub id, local directory or ``tiny:<name>`` (see ``vlm_lightning.models.load_vlm``).
@@ -109,7 +101,7 @@ class VisionGRPOModule(VisionSFTModule):
         log_completions: how many sample completions (with their image) to keep in ``last_samples`` and log
             every ``log_completions_every_n_steps`` steps (TensorBoard / W&B / the Python log).
         val_max_new_tokens: greedy decoding length for validation rewards (default ``max_new_tokens``).
-        **kwargs: ``VisionSFTModule`` arguments.
+        **kwargs: ``VisionModule`` arguments.
     """
 
     def __init__(
@@ -167,24 +159,31 @@ class VisionGRPOModule(VisionSFTModule):
             raise ValueError(f"beta={beta} with lora=False: the reference policy is the model with its adapters "
                              "disabled, which a full fine-tune does not have (it would need a second copy); "
                              "use LoRA or beta=0")
-        if reward_funcs is None:
-            from ..rewards import OCRReward
-
-            reward_funcs = [OCRReward()]
-        for fn in reward_funcs:
-            if not callable(fn):
-                raise TypeError(f"reward_funcs: {fn!r} is not callable")
-        if reward_weights is not None and len(reward_weights) != len(reward_funcs):
-            raise ValueError(f"{len(reward_weights)} reward_weights for {len(reward_funcs)} reward_funcs")
-        self.reward_funcs = list(reward_funcs)
-        self.reward_weights = list(reward_weights) if reward_weights is not None else [1.0] * len(reward_funcs)
+        self.rewards = RewardSet(reward_funcs if reward_funcs is not None else [OCRReward()], reward_weights)
         self.last_samples: list[dict[str, Any]] = []
         self.last_rollout_metrics: dict[str, float] = {}
         self.last_rollout_stats: dict[str, Any] = {}
+        self.rollout_backend = rollout_backend  # setup may choose "hf" where the fast path cannot run
+        self.default_max_new_tokens = val_max_new_tokens or max_new_tokens  # of ``generate`` (OCRMetrics)
 
     # ------------------------------------------------------------------------------------------ model
+    def setup(self, stage: str) -> None:
+        """``VisionModule.setup``, then the rollout path: the fast sampler reads (and merges LoRA into) the
+        weights outside the strategy's forward, so with sharded parameters (FSDP, ZeRO-3) "auto" uses HF
+        ``generate`` and "fast" is refused."""
+        super().setup(stage)
+        if self._trainer is None or not shards_parameters(self.trainer):
+            return
+        if self.hparams.rollout_backend == "fast":
+            raise ValueError("VisionGRPOModule(rollout_backend='fast') reads (and merges LoRA into) the weights "
+                             "outside FSDP's forward, where they are sharded: use rollout_backend='hf' (or 'auto') "
+                             "with FSDP.")
+        if self.hparams.rollout_backend == "auto":  # "where supported": the fast path is not, with sharded weights
+            self.rollout_backend = "hf"
+            log.info("VisionGRPOModule: rollouts use HF generate (the fast path needs unsharded weights)")
+
     def configure_model(self) -> None:
-        """``VisionSFTModule.configure_model`` (load, kernels, LoRA), then the warm-start adapter, its frozen
+        """``VisionModule.configure_model`` (load, kernels, LoRA), then the warm-start adapter, its frozen
         reference copy (``beta > 0``) and dropout off. Idempotent."""
         if self.model is not None:
             return
@@ -198,8 +197,6 @@ class VisionGRPOModule(VisionSFTModule):
                     m.p = 0.0
 
     def _load_warm_start(self, path: str) -> None:
-        from peft import load_peft_weights, set_peft_model_state_dict
-
         weights = load_peft_weights(path, device="cpu")
         hint = "use the same r / finetune_* / target_modules as the run that saved it"
         try:
@@ -217,10 +214,6 @@ class VisionGRPOModule(VisionSFTModule):
             for n, p in self.model.named_parameters():
                 if REFERENCE_ADAPTER in n:
                     p.requires_grad_(False)
-
-    @property
-    def tokenizer(self):
-        return getattr(self.processor, "tokenizer", self.processor)
 
     # ---------------------------------------------------------------------------------------- rollout
     @contextlib.contextmanager
@@ -249,78 +242,30 @@ class VisionGRPOModule(VisionSFTModule):
                              "continues from its padding (use VisionChatCollator(for_generation=True))")
 
     def generate_completions(self, prompt_batch: dict, num_generations: int, greedy: bool = False,
-                             max_new_tokens: int | None = None) -> tuple[dict, Completions]:
-        """Tile ``prompt_batch`` ``num_generations`` times, sample and post-process. Returns the tiled
-        batch (tile order: row g * B + b is sample g of prompt b) and the ``Completions``."""
+                             max_new_tokens: int | None = None) -> tuple[dict, Rollout]:
+        """Sample ``num_generations`` completions per prompt (``vlm_lightning.rollout.generate``: fast engine or
+        HF ``generate`` per ``rollout_backend``, masked once). Returns the tiled batch (tile order: row g * B + b
+        is sample g of prompt b) and the ``Rollout``."""
         hp = self.hparams
-        tiled = tile_batch(prompt_batch, num_generations)
-        inputs = model_inputs(tiled)
-        tok = self.tokenizer
-        eos = eos_token_ids(self.model, tok)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
-        forbidden = vision_placeholder_ids(self.model.config)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            gen_kwargs = dict(max_new_tokens=max_new_tokens or hp.max_new_tokens, eos_token_ids=eos,
-                              pad_token_id=pad, suppress_token_ids=forbidden, stop_strings=hp.stop_strings,
-                              tokenizer=tok)
-            if hp.rollout_backend != "hf":
-                ids = self._fast_rollout(prompt_batch, num_generations, greedy, gen_kwargs)
-            elif greedy:
-                ids = self._greedy(inputs, **gen_kwargs)
-            else:
-                ids = sample_completions(self.model, inputs, temperature=hp.temperature, top_p=hp.top_p,
-                                         top_k=hp.top_k, min_p=hp.min_p, repetition_penalty=hp.repetition_penalty,
-                                         **gen_kwargs)
-        finally:
-            self.model.train(was_training)
-        comp = postprocess_completions(ids, tok, eos, pad, hp.stop_strings, forbidden)
-        return tiled, comp
-
-    @torch.no_grad()
-    def _fast_rollout(self, prompt_batch: dict, num_generations: int, greedy: bool, gen_kwargs: dict) -> torch.Tensor:
-        """``vlm_lightning.rollout.fast_generate`` (LoRA merged while sampling, prefix shared by the G samples,
-        static cache + CUDA graph on GPU; HF ``generate`` where unsupported). Same tile order."""
-        from vlm_lightning.rollout import fast_generate
-
-        hp = self.hparams
-        out = fast_generate(self.model, model_inputs(prompt_batch), num_generations=num_generations,
-                            max_new_tokens=gen_kwargs["max_new_tokens"], temperature=0.0 if greedy else hp.temperature,
-                            top_p=hp.top_p, eos_token_ids=gen_kwargs["eos_token_ids"],
-                            pad_token_id=gen_kwargs["pad_token_id"], stop_strings=hp.stop_strings,
-                            tokenizer=self.tokenizer, top_k=hp.top_k,
-                            suppress_token_ids=gen_kwargs["suppress_token_ids"],
-                            min_p=None if greedy else hp.min_p,
-                            repetition_penalty=None if greedy else hp.repetition_penalty,
-                            backend=hp.rollout_backend)
+        out = generate(self.model, prompt_batch, num_generations, self.tokenizer,
+                       max_new_tokens=max_new_tokens or hp.max_new_tokens,
+                       temperature=0.0 if greedy else hp.temperature, top_p=hp.top_p, top_k=hp.top_k,
+                       min_p=hp.min_p, repetition_penalty=hp.repetition_penalty, stop_strings=hp.stop_strings,
+                       backend=self.rollout_backend)
         self.last_rollout_stats = {"backend": out.backend, **out.stats}
-        return out.completion_ids
+        return tile_batch(prompt_batch, num_generations), out
 
-    @torch.no_grad()
-    def _greedy(self, inputs, max_new_tokens, eos_token_ids, pad_token_id, suppress_token_ids, stop_strings,
-                tokenizer) -> torch.Tensor:
-        kw = dict(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=list(eos_token_ids),
-                  pad_token_id=pad_token_id, use_cache=True)
-        if suppress_token_ids:
-            kw["suppress_tokens"] = list(suppress_token_ids)
-        if stop_strings:
-            kw.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
-        out = self.model.generate(**inputs, **kw)
-        return out[:, inputs["input_ids"].shape[1]:].long()
-
-    def score(self, tiled: dict, comp: Completions) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def score(self, tiled: dict, comp: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Rewards of every completion: (N,) total (NaN where nothing scored) and per-function (N,)."""
-        lengths = comp.mask.sum(1).tolist()
+        lengths = comp.completion_mask.sum(1).tolist()
         columns = {
             "references": tiled.get("references"),
             "row_index": tiled.get("row_index"),
             "images": tiled.get("images"),
-            "completion_ids": [comp.ids[i, :n].tolist() for i, n in enumerate(lengths)],
+            "completion_ids": [comp.completion_ids[i, :n].tolist() for i, n in enumerate(lengths)],
         }
         columns = {k: v for k, v in columns.items() if v is not None}
-        total, per_fn = compute_rewards(self.reward_funcs, self.reward_weights, tiled.get("prompts"), comp.texts,
-                                        columns)
+        total, per_fn = self.rewards(tiled.get("prompts"), comp.texts, **columns)
         if comp.rejected.any():  # masked out of the loss; left out of the group statistics too
             total = total.clone()
             total[comp.rejected] = float("nan")
@@ -354,13 +299,14 @@ class VisionGRPOModule(VisionSFTModule):
             return None
         self._check_batch(batch)
         hp = self.hparams
+        t0 = time.perf_counter()
         bsz = batch["input_ids"].shape[0]
         tiled, comp = self.generate_completions(batch, hp.num_generations)
         rewards, per_fn = self.score(tiled, comp)
         adv = self.advantages(rewards, bsz).to(self.device)
-        ids, mask = comp.ids.to(self.device), comp.mask.to(self.device)
+        ids, mask = comp.completion_ids.to(self.device), comp.completion_mask.to(self.device)
         if hp.mask_truncated_completions:
-            mask = _mask_truncated(mask, comp.is_truncated.to(self.device))
+            mask = _mask_truncated(mask, comp.truncated.to(self.device))
         n_active = mask.sum()
         world = self.trainer.world_size if self._trainer is not None else 1
         if world > 1:
@@ -398,94 +344,44 @@ class VisionGRPOModule(VisionSFTModule):
                 sched.step()
         sums["loss"] /= hp.num_iterations
 
-        metrics = self._rollout_metrics(rewards, per_fn, adv, comp, bsz)
+        metrics = rollout_metrics(rewards, per_fn, adv, comp, hp.num_generations, bsz)
         metrics.update(sums)
         metrics["lr"] = opt.param_groups[0]["lr"]
+        # throughput of the whole step (rollout + scoring + updates): prompt tokens of every tile + completions
+        dt = max(time.perf_counter() - t0, 1e-9)
+        n_completion = float(comp.completion_mask.sum())
+        metrics["tokens_per_s"] = (float(tiled["attention_mask"].sum()) + n_completion) / dt
+        metrics["completion_tokens_per_s"] = n_completion / dt
         self.last_rollout_metrics = metrics
         self.log_dict({f"train/{k}": v for k, v in metrics.items() if not math.isnan(v)}, on_step=True,
                       prog_bar=False, batch_size=bsz, sync_dist=True)
         self.log("train/reward", metrics["reward/mean"], prog_bar=True, batch_size=bsz, sync_dist=True)
-        self._keep_samples(tiled, comp, rewards, adv)
+        self.last_samples = sample_rows(tiled, comp, rewards, adv, hp.log_completions)
+        if self.last_samples and self._trainer is not None and \
+                self.global_step % max(1, hp.log_completions_every_n_steps) == 0:
+            log_samples(self.logger, self.last_samples, self.global_step)
         return torch.tensor(sums["loss"])
-
-    def _rollout_metrics(self, rewards, per_fn, adv, comp: Completions, bsz: int) -> dict[str, float]:
-        g = self.hparams.num_generations
-        m: dict[str, float] = {}
-        m["reward/mean"], m["reward/std"] = _nan_stats(rewards)
-        for name, r in per_fn.items():
-            m[f"reward/{name}/mean"], m[f"reward/{name}/std"] = _nan_stats(r)
-        groups = rewards.view(g, bsz).t()  # (B, G)
-        spread = torch.nan_to_num(groups, nan=0.0)
-        m["reward/frac_zero_std"] = float(((spread.amax(1) - spread.amin(1)) == 0).float().mean())
-        m["advantages/mean"] = float(adv.mean())
-        m["advantages/std"] = float(adv.std()) if adv.numel() > 1 else 0.0
-        m["advantages/abs_max"] = float(adv.abs().max())
-        lengths = comp.mask.sum(1).float()
-        m["completions/mean_length"] = float(lengths.mean())
-        m["completions/min_length"] = float(lengths.min())
-        m["completions/max_length"] = float(lengths.max())
-        m["completions/truncated_frac"] = float(comp.is_truncated.float().mean())
-        m["completions/rejected_frac"] = float(comp.rejected.float().mean())
-        return m
-
-    def _keep_samples(self, tiled, comp: Completions, rewards, adv) -> None:
-        hp = self.hparams
-        n = min(hp.log_completions, len(comp.texts))
-        self.last_samples = [
-            {"prompt": (tiled.get("prompts") or [""] * len(comp.texts))[i],
-             "completion": comp.texts[i], "reference": (tiled.get("references") or [None] * len(comp.texts))[i],
-             "reward": float(rewards[i]), "advantage": float(adv[i]),
-             "image": ((tiled.get("images") or [[]] * len(comp.texts))[i] or [None])[0]}
-            for i in range(n)
-        ]
-        if n and self._trainer is not None and self.global_step % max(1, hp.log_completions_every_n_steps) == 0:
-            self._log_samples(self.last_samples)
-
-    def _log_samples(self, samples: list[dict[str, Any]]) -> None:
-        """Completions (and their first image) to TensorBoard / W&B when attached, else the Python log."""
-        logger = self.logger
-        exp = getattr(logger, "experiment", None) if logger is not None else None
-        step = self.global_step
-        try:
-            if exp is not None and hasattr(exp, "add_text"):  # TensorBoard
-                import numpy as np
-
-                rows = "\n".join(f"| {s['reward']:.3f} | {s['advantage']:+.3f} | `{s['reference']}` | "
-                                 f"`{s['completion'][:200]!r}` |" for s in samples)
-                exp.add_text("samples", "| reward | adv | reference | completion |\n|---|---|---|---|\n" + rows, step)
-                for i, s in enumerate(samples):
-                    if s["image"] is not None:
-                        exp.add_image(f"samples/image_{i}", np.asarray(s["image"]), step, dataformats="HWC")
-                return
-            if exp is not None and hasattr(logger, "log_table"):  # W&B
-                import wandb
-
-                data = [[wandb.Image(s["image"]) if s["image"] is not None else None, s["reference"],
-                         s["completion"], s["reward"], s["advantage"]] for s in samples]
-                logger.log_table("samples", columns=["image", "reference", "completion", "reward", "advantage"],
-                                 data=data, step=step)
-                return
-        except Exception as exc:  # noqa: BLE001 - logging samples must never stop training
-            log.warning("could not log sample completions: %s", exc)
-        for s in samples:
-            log.info("step %d reward %.3f adv %+.3f ref %r completion %r", step, s["reward"], s["advantage"],
-                     s["reference"], s["completion"][:200])
 
     # ---------------------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict | None, batch_idx: int):
         """Greedy completions scored by the reward functions: logs ``val/reward`` (and per function)."""
+        return self._score_greedy(batch, "val")
+
+    def test_step(self, batch: dict | None, batch_idx: int):
+        """As ``validation_step``, logged under ``test/``."""
+        return self._score_greedy(batch, "test")
+
+    def _score_greedy(self, batch: dict | None, stage: str):
         if batch is None:
             return None
         self._check_batch(batch)
         tiled, comp = self.generate_completions(batch, 1, greedy=True, max_new_tokens=self.hparams.val_max_new_tokens)
         rewards, per_fn = self.score(tiled, comp)
         bsz = len(comp.texts)
-        mean, _ = _nan_stats(rewards)
-        self.log("val/reward", mean, prog_bar=True, batch_size=bsz, sync_dist=True)
+        mean, _ = nan_stats(rewards)
+        self.log(f"{stage}/reward", mean, prog_bar=stage == "val", batch_size=bsz, sync_dist=True)
         for name, r in per_fn.items():
-            self.log(f"val/reward/{name}", _nan_stats(r)[0], batch_size=bsz, sync_dist=True)
-        self.log("val/completion_length", float(comp.mask.sum(1).float().mean()), batch_size=bsz, sync_dist=True)
+            self.log(f"{stage}/reward/{name}", nan_stats(r)[0], batch_size=bsz, sync_dist=True)
+        self.log(f"{stage}/completion_length", float(comp.completion_mask.sum(1).float().mean()), batch_size=bsz,
+                 sync_dist=True)
         return None
-
-    def reward_names(self) -> list[str]:
-        return [reward_name(f) for f in self.reward_funcs]

@@ -5,7 +5,6 @@ from .base import (
     completion_text,
     compute_rewards,
     extract_tag,
-    normalize_text,
     reward_name,
 )
 from .builtin import (
@@ -19,6 +18,7 @@ from .builtin import (
 )
 
 __all__ = [
-    "RewardError", "RewardSet", "completion_text", "compute_rewards", "extract_tag", "normalize_text", "reward_name",
-    "CharF1Reward", "ExactMatchReward", "FormatReward", "LengthPenalty", "NumericAnswerReward", "OCRReward", "parse_number",
+    "RewardError", "RewardSet", "completion_text", "compute_rewards", "extract_tag", "reward_name",
+    "CharF1Reward", "ExactMatchReward", "FormatReward", "LengthPenalty", "NumericAnswerReward", "OCRReward",
+    "parse_number",
 ]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import re
-import unicodedata
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -50,13 +49,6 @@ def extract_tag(text: str, tag: str) -> str | None:
     """Content of the last ``<tag>...</tag>`` in text (None if absent)."""
     found = re.findall(rf"<{re.escape(tag)}>(.*?)</{re.escape(tag)}>", text, flags=re.DOTALL)
     return found[-1] if found else None
-
-
-def normalize_text(text: str, case_sensitive: bool = False) -> str:
-    """NFKC, strip, collapse whitespace runs to one space, casefold unless ``case_sensitive``."""
-    text = unicodedata.normalize("NFKC", text)
-    text = re.sub(r"\s+", " ", text).strip()
-    return text if case_sensitive else text.casefold()
 
 
 def reward_name(fn: Any) -> str:
@@ -179,7 +171,8 @@ def compute_rewards(reward_fns: Sequence[RewardFn], weights: Sequence[float] | N
 
 
 class RewardSet:
-    """Reward callables with their weights, as one object (what a YAML ``reward_funcs`` builds).
+    """Reward callables with their weights, as one object: what ``VisionGRPOModule`` scores completions with
+    (its ``reward_funcs`` / ``reward_weights`` arguments). Calling it is ``compute_rewards``.
 
     Example:
         >>> rs = RewardSet([OCRReward(), FormatReward()], weights=[1.0, 0.1])
@@ -189,11 +182,11 @@ class RewardSet:
     def __init__(self, reward_fns: Sequence[RewardFn], weights: Sequence[float] | None = None) -> None:
         if not reward_fns:
             raise ValueError("RewardSet needs at least one reward function")
-        if weights is not None and len(weights) != len(reward_fns):
-            raise ValueError(f"{len(weights)} reward weights for {len(reward_fns)} reward functions")
         for fn in reward_fns:
             if not callable(fn):
-                raise TypeError(f"reward {fn!r} is not callable")
+                raise TypeError(f"reward_funcs: {fn!r} is not callable")
+        if weights is not None and len(weights) != len(reward_fns):
+            raise ValueError(f"{len(weights)} reward_weights for {len(reward_fns)} reward_funcs")
         self.reward_fns = list(reward_fns)
         self.weights = [1.0] * len(self.reward_fns) if weights is None else [float(w) for w in weights]
 

@@ -12,10 +12,12 @@ Example (YAML):
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from .base import RewardError, completion_text, extract_tag, normalize_text
+from ..metrics.text import TextNormalizer, cer
+from .base import RewardError, completion_text, extract_tag
 
 _DEFAULT_REFERENCE_COLUMNS = ("references", "reference", "answer", "solution")
 
@@ -33,13 +35,21 @@ def _references(columns: dict[str, Any], column: str | None, owner: str, n: int)
 
 
 class _TextReward:
-    """Shared plumbing: completion text, optional <tag> extraction, per-row errors with the row index."""
+    """Shared plumbing: completion text, optional <tag> extraction, the normaliser both sides go through,
+    per-row errors with the row index."""
 
     name = "reward"
 
-    def __init__(self, reference_column: str | None = None, answer_tag: str | None = None) -> None:
+    def __init__(self, reference_column: str | None = None, answer_tag: str | None = None,
+                 normalizer: TextNormalizer | None = None) -> None:
         self.reference_column = reference_column
         self.answer_tag = answer_tag
+        self.normalizer = normalizer
+
+    def _normalized(self, text: str, reference: Any) -> tuple[str, str]:
+        """Completion text and reference as the score compares them (through the normaliser, if any)."""
+        ref = str(reference)
+        return (text, ref) if self.normalizer is None else (self.normalizer(text), self.normalizer(ref))
 
     def _text(self, completion: Any) -> str | None:
         text = completion_text(completion)
@@ -47,7 +57,8 @@ class _TextReward:
             return extract_tag(text, self.answer_tag)
         return text
 
-    def score(self, text: str | None, reference: Any) -> float | None:  # pragma: no cover - abstract
+    def score(self, text: str, reference: Any) -> float | None:  # pragma: no cover - abstract
+        """The reward of one completion's text (a missing ``<answer_tag>`` scores 0 before this is asked)."""
         raise NotImplementedError
 
     def __call__(self, prompts: Sequence[Any] | None, completions: Sequence[Any], **columns: Any) -> list[float | None]:
@@ -58,7 +69,8 @@ class _TextReward:
                 out.append(None)
                 continue
             try:
-                out.append(self.score(self._text(c), ref))
+                text = self._text(c)
+                out.append(0.0 if text is None else self.score(text, ref))
             except RewardError:
                 raise
             except Exception as exc:
@@ -71,14 +83,14 @@ class _TextReward:
 
 
 class OCRReward(_TextReward):
-    """1 - character error rate (torchmetrics ``CharErrorRate``) against the reference, clipped to [0, 1].
+    """1 - character error rate (``metrics.text.cer``) against the reference, clipped to [0, 1].
 
     Args:
         reference_column: the column with the target text (default: the first of "references",
             "reference", "answer", "solution" that is present).
         answer_tag: score only the content of ``<answer_tag>...</answer_tag>`` (0 when absent).
-        normalize: apply ``normalize_text`` (NFKC, whitespace collapse) to both sides first.
-        case_sensitive: with ``normalize``, keep case.
+        normalize: put both sides through ``metrics.text.TextNormalizer`` first (NFKC, whitespace collapse).
+        case_sensitive: with ``normalize``, keep case (else casefold).
 
     An empty reference scores 1 for an empty prediction and 0 otherwise (CER is undefined there).
     """
@@ -87,22 +99,11 @@ class OCRReward(_TextReward):
 
     def __init__(self, reference_column: str | None = None, answer_tag: str | None = None, normalize: bool = True,
                  case_sensitive: bool = True) -> None:
-        super().__init__(reference_column, answer_tag)
-        self.normalize = normalize
-        self.case_sensitive = case_sensitive
+        normalizer = TextNormalizer(casefold=not case_sensitive) if normalize else None
+        super().__init__(reference_column, answer_tag, normalizer)
 
-    def score(self, text: str | None, reference: Any) -> float:
-        from torchmetrics.functional.text import char_error_rate
-
-        if text is None:
-            return 0.0
-        ref = str(reference)
-        if self.normalize:
-            text, ref = normalize_text(text, self.case_sensitive), normalize_text(ref, self.case_sensitive)
-        if not ref:
-            return 1.0 if not text else 0.0
-        cer = float(char_error_rate(text, ref))
-        return min(1.0, max(0.0, 1.0 - cer))
+    def score(self, text: str, reference: Any) -> float:
+        return min(1.0, max(0.0, 1.0 - cer(*self._normalized(text, reference))))
 
 
 class CharF1Reward(_TextReward):
@@ -117,17 +118,10 @@ class CharF1Reward(_TextReward):
 
     def __init__(self, reference_column: str | None = None, answer_tag: str | None = None,
                  normalize: bool = True) -> None:
-        super().__init__(reference_column, answer_tag)
-        self.normalize = normalize
+        super().__init__(reference_column, answer_tag, TextNormalizer(casefold=True) if normalize else None)
 
-    def score(self, text: str | None, reference: Any) -> float:
-        from collections import Counter
-
-        if text is None:
-            return 0.0
-        ref = str(reference)
-        if self.normalize:
-            text, ref = normalize_text(text), normalize_text(ref)
+    def score(self, text: str, reference: Any) -> float:
+        text, ref = self._normalized(text, reference)
         p, r = Counter(text.replace(" ", "")), Counter(ref.replace(" ", ""))
         if not r or not p:
             return float(not r and not p)
@@ -149,15 +143,11 @@ class ExactMatchReward(_TextReward):
 
     def __init__(self, reference_column: str | None = None, answer_tag: str | None = None,
                  case_sensitive: bool = False) -> None:
-        super().__init__(reference_column, answer_tag)
-        self.case_sensitive = case_sensitive
+        super().__init__(reference_column, answer_tag, TextNormalizer(casefold=not case_sensitive))
 
-    def score(self, text: str | None, reference: Any) -> float:
-        if text is None:
-            return 0.0
+    def score(self, text: str, reference: Any) -> float:
         refs = reference if isinstance(reference, (list, tuple)) else [reference]
-        pred = normalize_text(text, self.case_sensitive)
-        return float(any(pred == normalize_text(str(r), self.case_sensitive) for r in refs))
+        return float(any(a == b for a, b in (self._normalized(text, r) for r in refs)))
 
 
 class FormatReward:
@@ -215,11 +205,11 @@ class NumericAnswerReward(_TextReward):
         tagged = extract_tag(text, self.answer_tag) if self.answer_tag else None
         return tagged if tagged is not None else text
 
-    def score(self, text: str | None, reference: Any) -> float:
+    def score(self, text: str, reference: Any) -> float:
         ref = float(reference) if isinstance(reference, (int, float)) else parse_number(str(reference))
         if ref is None:
             raise ValueError(f"reference {reference!r} contains no number")
-        pred = parse_number(text or "")
+        pred = parse_number(text)
         if pred is None:
             return 0.0
         return float(abs(pred - ref) <= self.atol + self.rtol * abs(ref))

@@ -1,0 +1,219 @@
+"""The fast engine's model side: a prefill with the model's own forward, then a one-token decode step over a
+static KV cache, optionally captured in a CUDA graph.
+
+Prefill: the image + prompt go through the HF model once, with the position ids ``generate`` would build
+(``model._prepare_position_ids_for_generation``: attention-mask cumsum, or Qwen-VL's 3-D M-RoPE index).
+Decode: token k (k = 0 is the first generated token, fed at the second step) sits at the prompt's last
+position + 1 + k in every rotary component, which is what ``generate`` does in transformers 5.17 and 5.24
+(for Qwen-VL: ``rope_deltas`` + text position); its KV cache index is P + k. The step re-uses the HF modules
+(norms, projections, MLPs) and replaces only the attention plumbing: one ``(N, H_kv, P + C, d)`` buffer per
+layer, GQA without ``repeat_kv`` (queries grouped per KV head), masks built on device. Left out: text decoders
+outside ``SUPPORTED_TEXT_MODEL_TYPES`` and attention logit softcapping (``fast_path_unsupported`` says why;
+those go to HF ``generate``).
+
+Example:
+    >>> logits, layer_kv, pos = prefill(hf, inputs)                    # (B, V), per-layer KV, positions
+    >>> step = DecodeStep(hf, n=B, max_len=P + C, device=dev, dtype=layer_kv[0][0].dtype)
+    >>> step.load_prefix(layer_kv, P, repeats=1); step.pos = decode_positions(pos); step()   # step.logits
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.families import get_family_spec
+from ..models.hf import text_config, unwrap_model
+
+#: Text decoders whose one-token step ``DecodeStep`` reproduces (checked against transformers 5.17 and 5.24).
+SUPPORTED_TEXT_MODEL_TYPES = ("qwen2_vl_text", "qwen2_5_vl_text", "gemma3_text", "llama", "mistral", "qwen2")
+
+
+def _language_model(hf: nn.Module) -> nn.Module:
+    inner = getattr(hf, "model", None)
+    lm = getattr(inner, "language_model", None)
+    if lm is None:
+        lm = hf.get_submodule(get_family_spec(hf).language_model)
+    return lm
+
+
+def fast_path_unsupported(model: nn.Module) -> str | None:
+    """Why the own decode loop cannot run this model (None: it can)."""
+    hf = unwrap_model(model)
+    text_cfg = text_config(hf)
+    mt = getattr(text_cfg, "model_type", None)
+    if mt not in SUPPORTED_TEXT_MODEL_TYPES:
+        return f"text decoder {mt!r} not in SUPPORTED_TEXT_MODEL_TYPES"
+    if getattr(text_cfg, "attn_logit_softcapping", None) is not None:
+        return "attention logit softcapping"
+    try:
+        lm = _language_model(hf)
+    except Exception as exc:  # noqa: BLE001
+        return f"no language model found ({exc})"
+    for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if not hasattr(lm, attr):
+            return f"language model has no {attr!r}"
+    return None
+
+
+
+class DecodeStep:
+    """One-token step of the text decoder over a static KV cache, from the HF modules themselves.
+
+    Static state (buffers read and written in place, so the step can be captured in a CUDA graph):
+    ``ids`` (N,) the tokens to feed; ``pos`` rotary positions, (3, N, 1) for M-RoPE else (N, 1); ``idx`` (1,)
+    the cache index to write; ``valid`` (N, L) which cache slots hold real tokens (prompt mask, then ones);
+    ``keys`` / ``values`` per layer (N, H_kv, L, d); ``logits`` (N, V) float32, the output.
+    """
+
+    def __init__(self, hf: nn.Module, n: int, max_len: int, device, dtype):
+        self.hf = hf
+        self.lm = _language_model(hf)
+        self.head = hf.get_output_embeddings()
+        text_cfg = text_config(hf)
+        self.softcap = getattr(text_cfg, "final_logit_softcapping", None)
+        layer_types = getattr(text_cfg, "layer_types", None)
+        self.layers = list(self.lm.layers)[: getattr(text_cfg, "num_hidden_layers", len(self.lm.layers))]
+        self.layer_types = [layer_types[i] if layer_types else "full_attention" for i in range(len(self.layers))]
+        # Mistral's attention reads the window from the config for every layer; the others keep it per layer
+        default_window = getattr(text_cfg, "sliding_window", None) if text_cfg.model_type == "mistral" else None
+        self.windows = [getattr(layer.self_attn, "sliding_window", default_window) for layer in self.layers]
+        params = inspect.signature(self.lm.rotary_emb.forward).parameters
+        self.rope_by_type = "layer_type" in params
+        self.n, self.max_len, self.device, self.dtype = n, max_len, device, dtype
+        self.ar = torch.arange(max_len, device=device)
+        self.ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.idx = torch.zeros(1, dtype=torch.long, device=device)
+        self.valid = torch.zeros(n, max_len, dtype=torch.bool, device=device)
+        self.pos: torch.Tensor | None = None
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.logits: torch.Tensor | None = None
+
+    def load_prefix(self, layer_kv: list[tuple[torch.Tensor, torch.Tensor]], prompt_len: int, repeats: int) -> None:
+        """Copy the prefill cache ((B, H_kv, <=P, d) per layer) into the static buffers, tiled ``repeats`` times.
+        A sliding-window layer's cache holds only the prompt's last tokens: they go at the end of [0, P)."""
+        for k, v in layer_kv:
+            b, h, lk, d = k.shape
+            kb = torch.zeros(self.n, h, self.max_len, d, dtype=k.dtype, device=self.device)
+            vb = torch.zeros_like(kb)
+            kb[:, :, prompt_len - lk: prompt_len] = k.repeat(repeats, 1, 1, 1)
+            vb[:, :, prompt_len - lk: prompt_len] = v.repeat(repeats, 1, 1, 1)
+            self.keys.append(kb)
+            self.values.append(vb)
+
+    def _rope(self, h: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        out = {}
+        for lt in set(self.layer_types):
+            out[lt] = self.lm.rotary_emb(h, self.pos, lt) if self.rope_by_type else self.lm.rotary_emb(h, self.pos)
+        return out
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rot * sin
+
+    def __call__(self) -> None:
+        n = self.n
+        h = self.lm.embed_tokens(self.ids[:, None])  # (N, 1, H)
+        rope = self._rope(h)
+        causal = self.valid & (self.ar[None, :] <= self.idx)  # (N, L)
+        masks: dict[Any, torch.Tensor] = {None: causal[:, None, None, :]}
+        for w in set(self.windows) - {None}:
+            masks[w] = (causal & (self.ar[None, :] > self.idx - w))[:, None, None, :]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            residual = h
+            x = layer.input_layernorm(h)
+            d = attn.head_dim
+            q = attn.q_proj(x).view(n, 1, -1, d).transpose(1, 2)  # (N, Hq, 1, d)
+            k = attn.k_proj(x).view(n, 1, -1, d).transpose(1, 2)  # (N, Hkv, 1, d)
+            v = attn.v_proj(x).view(n, 1, -1, d).transpose(1, 2)
+            if hasattr(attn, "q_norm"):
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            cos, sin = rope[self.layer_types[i]]  # (N, 1, d)
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            kb, vb = self.keys[i], self.values[i]
+            kb.index_copy_(2, self.idx, k.to(kb.dtype))
+            vb.index_copy_(2, self.idx, v.to(vb.dtype))
+            hkv, hq = kb.shape[1], q.shape[1]
+            qg = q.reshape(n, hkv, hq // hkv, d)  # query head j reads KV head j // rep, as repeat_kv
+            o = F.scaled_dot_product_attention(qg, kb, vb, attn_mask=masks[self.windows[i]], scale=attn.scaling)
+            o = attn.o_proj(o.reshape(n, 1, hq * d))
+            if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma: norms around both sub-blocks
+                h = residual + layer.post_attention_layernorm(o)
+                h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+            else:
+                h = residual + o
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = self.lm.norm(h)
+        logits = self.head(h[:, -1]).float()  # (N, V)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        if self.logits is None:
+            self.logits = torch.empty_like(logits)
+        self.logits.copy_(logits)
+
+
+class GraphedStep:
+    """``DecodeStep`` captured once in a CUDA graph; ``__call__`` replays it (all state in static buffers)."""
+
+    def __init__(self, step: DecodeStep, warmup: int = 2):
+        self.step = step
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):  # writes K/V at the current idx, which the first real step overwrites
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            step()
+
+    def __call__(self) -> None:
+        self.graph.replay()
+
+
+def prefill_positions(hf: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The position ids ``generate`` gives the prompt: (N, P), or (3|4, N, P) for Qwen-VL M-RoPE."""
+    ids = inputs["input_ids"]
+    prep = getattr(hf, "_prepare_position_ids_for_generation", None)
+    if prep is not None:
+        kwargs = {k: v for k, v in inputs.items() if k != "input_ids"}
+        return prep(ids, kwargs)
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        return torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [(layer.keys, layer.values) for layer in layers]
+    return [(cache[i][0], cache[i][1]) for i in range(len(cache))]
+
+
+def prefill(hf: nn.Module, inputs: Mapping[str, torch.Tensor]):
+    """Model forward on the prompts with a cache: (last-position logits (B, V) fp32, per-layer KV, positions)."""
+    pos = prefill_positions(hf, inputs)
+    out = hf(**inputs, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = out.past_key_values
+    logits = out.logits[:, -1].float()
+    return logits, _cache_layers(cache), pos
+
+
+def decode_positions(pos: torch.Tensor) -> torch.Tensor:
+    """Rotary positions of the first decode token from the prompt's: (3, B, 1) for M-RoPE, else (B, 1)."""
+    if pos.ndim == 3:
+        return pos[-3:, :, -1:] + 1  # drop the text-only component of a 4-row Qwen position tensor
+    return pos[:, -1:] + 1
+
