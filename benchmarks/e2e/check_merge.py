@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from vlm_lightning.export.checkpoint import is_deepspeed_checkpoint, read_export_info
+
 LORA_PREFIXES = ("model.base_model.model.", "_forward_module.model.base_model.model.")
 
 
@@ -52,7 +54,11 @@ class Tensors:
 
 def load_lora(ckpt_path: Path) -> tuple[dict, dict, dict]:
     """({module path: {"A": tensor, "B": tensor}}, peft config dict, info) from a Lightning checkpoint file."""
-    ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=False)
+    if is_deepspeed_checkpoint(ckpt_path):  # a folder of ZeRO shards: consolidated as the export does it
+        info, state = read_export_info(ckpt_path)
+        ckpt = {"state_dict": state, "vlm_lightning": info}
+    else:
+        ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=False)
     sd = ckpt.get("state_dict") or ckpt.get("module") or {}
     info = ckpt.get("vlm_lightning") or {}
     peft_cfg = dict(info.get("peft_config") or {})

@@ -311,3 +311,23 @@ def test_sft_module_with_all_levers_trains_like_the_default(data):
     assert ref.keys() == out.keys()
     for name in ref:
         torch.testing.assert_close(out[name], ref[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_next", "pixtral", "gemma3", "mistral3"])
+def test_every_lever_on_every_family_matches_the_plain_model(family, tiny_vlm_dir):
+    """The levers and kernels on each family's vision tower (a transformers PreTrainedModel whose outputs,
+    e.g. the hidden states the LLaVA-style projectors read, are recorded by class) give the plain logits."""
+    from PIL import Image
+
+    from vlm_lightning.models.build import build_model
+
+    path = tiny_vlm_dir(family)
+    logits = []
+    for levers in ({}, {"frozen_vision_no_grad": True, "fused_lora": True, "use_kernels": True}):
+        model, processor = build_model(str(path), dtype="float32", lora={"r": 4}, **levers)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read."}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = processor(text=[text], images=[Image.new("RGB", (112, 112), (40, 90, 200))], return_tensors="pt")
+        with torch.no_grad():
+            logits.append(model.eval()(**inputs).logits)
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)

@@ -40,6 +40,7 @@ import threading
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vlm_lightning.kernels import apply_rope, gated_act, layer_norm, rms_norm
@@ -81,11 +82,17 @@ def swap_forward(module: nn.Module, tag: str, make_forward, name: str | None = N
 
         # keep the original signature visible (generate() validates model kwargs against forward's)
         forward = functools.wraps(cls.forward)(forward)
-        qual = f"_{tag}_{cls.__module__.replace('.', '_')}_{cls.__qualname__}"
-        attrs = {"forward": forward, _PATCHED: (*getattr(cls, _PATCHED, ()), tag), "__module__": __name__,
-                 "__qualname__": qual}
-        sub = type(name or cls.__name__, (cls,), attrs)
-        globals()[qual] = sub
+        attrs = {"forward": forward, _PATCHED: (*getattr(cls, _PATCHED, ()), tag)}
+        if isinstance(module, PreTrainedModel):
+            # transformers keys a model's output recorders (output_hidden_states, ...) on str(model.__class__):
+            # the subclass keeps the name of the class it replaces, so they are still found
+            attrs.update(__module__=cls.__module__, __qualname__=cls.__qualname__)
+            sub = type(cls.__name__, (cls,), attrs)
+        else:  # registered here by a name of its own, so a pickled module finds its class again
+            qual = f"_{tag}_{cls.__module__.replace('.', '_')}_{cls.__qualname__}"
+            attrs.update(__module__=__name__, __qualname__=qual)
+            sub = type(name or cls.__name__, (cls,), attrs)
+            globals()[qual] = sub
         _SUBCLASSES[key] = sub
     module.__class__ = _SUBCLASSES[key]
     return True
