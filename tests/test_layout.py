@@ -30,3 +30,11 @@ def test_console_entry_point_installed():
     exe = Path(sys.executable).parent / "vlm-lightning"
     assert exe.exists(), "console script `vlm-lightning` missing: reinstall with `pip install -e .`"
     assert os.access(exe, os.X_OK)
+
+
+def test_public_api_resolves():
+    import vlm_lightning
+
+    for name in vlm_lightning.__all__:
+        assert getattr(vlm_lightning, name) is not None, name
+    assert vlm_lightning.VisionSFTModule.__module__ == "vlm_lightning.modules.sft"
