@@ -188,6 +188,66 @@ def test_on_bad_example_raise_names_the_row(qwen_dir, tmp_path):
         VisionChatDataModule(qwen_dir, train=bad_format).setup()
 
 
+def test_split_with_every_row_skipped_raises_naming_split_and_counts(qwen_dir, tmp_path):
+    # issue 17 item 2: used to print "rows train=0" and fail later in torch ("num_samples should be a positive
+    # integer value"), while an all-bad val split silently yielded 0 batches
+    bad = [{"image": str(tmp_path / "nope.png"), "text": "x"}, {"foo": 1}]
+    with pytest.raises(ValueError, match=r"train split has no rows left: 2 of 2 rows skipped \(2 bad\)"):
+        VisionChatDataModule(qwen_dir, train=bad, on_bad_example="skip").setup("fit")
+    with pytest.raises(ValueError, match=r"train split has no rows left: 2 of 2 rows skipped \(2 bad\)"):
+        VisionChatDataModule(qwen_dir, train=[{"foo": 1}, {"bar": 2}], on_bad_example="skip", validate=False).setup()
+    dm = VisionChatDataModule(qwen_dir, train=_rows(2, tmp_path), val=bad, on_bad_example="skip")
+    with pytest.raises(ValueError, match=r"val split has no rows left: 2 of 2 rows skipped"):
+        dm.setup("fit")
+    with pytest.raises(ValueError, match=r"train split has no rows: its source holds none"):
+        VisionChatDataModule(qwen_dir, train=[]).setup("fit")
+
+
+def test_eval_split_empty_in_its_source_warns_in_its_loader(qwen_dir, tmp_path, caplog):
+    # val_fraction of a one-row train set leaves no val row: legitimate, so a warning rather than an error
+    dm = VisionChatDataModule(qwen_dir, train=_rows(1, tmp_path), val_fraction=0.5)
+    dm.setup("fit")
+    with caplog.at_level("WARNING"):
+        assert len(dm.val_dataloader()) == 0
+    assert "val split has 0 rows" in caplog.text
+
+
+def _answers(tmp_path: Path, answers: list[str]) -> list[dict]:
+    return [{"image": str(_png(tmp_path / f"{i}.png")), "text": a} for i, a in enumerate(answers)]
+
+
+def test_on_empty_answer_raise_skip_keep(qwen_dir, tmp_path):
+    # issue 17 item 5: an empty answer ("") supervises only the end-of-turn token; the default refuses it
+    rows = _answers(tmp_path, ["12", "", "7"])
+    for validate in (False, True):
+        with pytest.raises(ValueError, match=r"train split: row 1: empty assistant answer.*on_empty_answer"):
+            VisionChatDataModule(qwen_dir, train=rows, validate=validate).setup()
+    dm = VisionChatDataModule(qwen_dir, train=rows, on_empty_answer="skip")
+    dm.setup()
+    assert dm.datasets["train"].indices == [0, 2] and dm.num_skipped == {"train": 1}
+    dm = VisionChatDataModule(qwen_dir, train=rows, on_empty_answer="keep", on_bad_example="skip")
+    dm.setup()
+    assert dm.datasets["train"].indices == [0, 1, 2] and dm.num_skipped == {"train": 0}
+    # prompt-only splits (GRPO, generation eval) never train on the answer: an empty reference is no error
+    dm = VisionChatDataModule(qwen_dir, train=rows, val=rows, train_for_generation=True, eval_for_generation=True)
+    dm.setup()
+    assert len(dm.datasets["train"]) == 3 and len(dm.datasets["val"]) == 3
+    with pytest.raises(ValueError, match="on_empty_answer"):
+        VisionChatDataModule(qwen_dir, train=rows, on_empty_answer="drop")
+
+
+def test_malformed_jsonl_line_skipped_and_counted_in_the_split(qwen_dir, tmp_path):
+    # issue 17 item 6 at the data module: the broken line counts as a skipped row of its split
+    p = tmp_path / "train.jsonl"
+    good = _rows(2, tmp_path)
+    p.write_text(json.dumps(good[0]) + "\n{broken\n" + json.dumps(good[1]) + "\n")
+    with pytest.raises(ValueError, match=r"train\.jsonl: line 2: invalid JSON"):
+        VisionChatDataModule(qwen_dir, train=str(p)).setup()
+    dm = VisionChatDataModule(qwen_dir, train=str(p), on_bad_example="skip")
+    dm.setup()
+    assert len(dm.datasets["train"]) == 2 and dm.num_skipped == {"train": 1}
+
+
 # ----------------------------------------------------------------------------------------- pixels
 
 

@@ -237,3 +237,13 @@ def test_not_an_image_raises(tmp_path):
 def test_unsupported_reference_type():
     with pytest.raises(ImageLoadError, match=r"row 0: .*unsupported image reference type int"):
         load_image(12345, 0)
+
+
+def test_messages_describe_values_not_object_reprs():
+    # issue 17 item 7: PIL's "cannot identify image file <_io.BytesIO object at 0x...>" reached the check report
+    with pytest.raises(ImageLoadError, match=r"row 2: cannot use image bytes \(12 B\): corrupt or unreadable") as e:
+        load_image(b"not an image", 2)
+    assert " object at 0x" not in str(e.value)
+    with pytest.raises(ImageLoadError, match=r"row 2: cannot use image BytesIO: unsupported .* type BytesIO") as e:
+        load_image(io.BytesIO(b"x"), 2)
+    assert " object at 0x" not in str(e.value)

@@ -231,6 +231,21 @@ def test_kl_term_added_with_beta_and_zero_when_policy_equals_reference():
         clipped_policy_loss(lp, None, T([1.0, -1.0]), torch.ones(2, 3), cfg)
 
 
+def test_k3_kl_is_exact_below_the_reference_and_clamped_only_where_exp_overflows():
+    # issue 17 item 8: d = ref - logp = -50 cannot overflow -> k3 = e^-50 + 50 - 1 = 49 (not the clamped 19), and
+    # d(beta * mean k3)/d logp = beta * (1 - e^d) / 6 = 0.04 / 6 = 0.0066667 per token (bnpo over 6 tokens), not 0
+    cfg = GRPOLossConfig(num_generations=2, loss_type="bnpo", beta=0.04)
+    logp = torch.zeros(2, 3, requires_grad=True)
+    mask = torch.ones(2, 3)
+    loss, m = clipped_policy_loss(logp, logp, torch.zeros(2), mask, cfg, ref_logp=(logp - 50).detach())
+    close(m["kl"], 49.0)
+    close(torch.autograd.grad(loss, logp)[0], torch.full((2, 3), 0.04 / 6))
+    # d = +50 would overflow e^d in bf16/fp16 and blow up the loss: still clamped at log_ratio_clip = 20
+    big = k3_kl(torch.zeros(1, 1), T([[50.0]]))
+    close(big, [[math.exp(20) - 21]], tol=1e3)
+    assert torch.isfinite(big).all()
+
+
 # --------------------------------------------------------------------------------------------- aggregation
 def test_aggregations_hand_worked():
     # per_tok = [[1, 2, 3, x], [4, x, x, x]], mask [[1, 1, 1, 0], [1, 0, 0, 0]] (x = masked, set to 100)

@@ -1,8 +1,10 @@
 """Validate every row of every split once: ``check_splits`` walks them with a collator and returns a
-``DataCheckReport`` (per split: rows ok / bad, images, token lengths, truncation, image-token mismatches).
+``DataCheckReport`` (per split: rows ok / bad, images, token lengths, truncation, image-token mismatches,
+empty answers).
 
-A bad row is listed in the report, never raised; what to do about it (raise, or drop it) is the data
-module's decision (``VisionChatDataModule.setup``).
+A bad row is listed in the report, never raised; an empty assistant answer is listed as a warning. What to
+do about either (raise, or drop the row) is the data module's decision (``VisionChatDataModule.setup``).
+Rows are named as ``row 3`` (counted from 0) or ``row 3 (line 5)`` for JSONL sources (lines from 1).
 
 Example:
     >>> report = check_splits(dm.datasets, dm.collator(), max_length=1024)
@@ -12,15 +14,26 @@ Example:
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .collate import OverlongRowError, VisionChatCollator
 from .datasets import ConversationDataset
-from .formats import RowFormatError, count_images
+from .formats import RowFormatError, count_images, has_empty_answer
 from .images import ImageLoadError
 
 _BAD_ROW_ERRORS = (ImageLoadError, RowFormatError, OverlongRowError)
+EMPTY_ANSWER = "empty assistant answer (only its end-of-turn token would be trained; see on_empty_answer)"
+
+
+def strip_row_prefix(message: str, index: int) -> str:
+    """``message`` without the leading ``"row <index>: "`` that row errors carry (the report adds its own)."""
+    prefix = f"row {index}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
+
+
+def _plain_label(index: int) -> str:
+    return f"row {index}"
 
 
 @dataclass
@@ -36,21 +49,27 @@ class SplitCheck:
     image_token_mismatches: int = 0
     tokens: list[int] = field(default_factory=list, repr=False)
     supervised: list[int] = field(default_factory=list, repr=False)
-    errors: list[tuple[int, str]] = field(default_factory=list)  # (row index, reason)
+    errors: list[tuple[int, str]] = field(default_factory=list)  # (row index, reason without "row N: ")
+    empty_answers: list[int] = field(default_factory=list)  # row indices with an empty assistant answer
+    bad_lines: list[tuple[int, str]] = field(default_factory=list)  # (file line, reason): malformed JSONL, no row
+    row_label: Callable[[int], str] = field(default=_plain_label, repr=False, compare=False)  # "row 3 (line 5)"
 
     @property
     def bad(self) -> int:
         return self.rows - self.ok
 
     def summary(self) -> str:
+        extra = f" | empty answers {len(self.empty_answers)}" if self.empty_answers else ""
+        if self.bad_lines:
+            extra += f" | invalid JSON lines {len(self.bad_lines)}"
         if not self.tokens:
-            return f"{self.name}: {self.rows} rows, {self.ok} ok, {self.bad} bad"
+            return f"{self.name}: {self.rows} rows, {self.ok} ok, {self.bad} bad{extra}"
         t = self.tokens
         return (
             f"{self.name}: {self.rows} rows, {self.ok} ok, {self.bad} bad | images {self.images} | tokens "
             f"min {min(t)} mean {statistics.fmean(t):.0f} max {max(t)} | supervised min {min(self.supervised)} | "
             f"truncated {self.truncated} | overlong {self.overlong} | image-token mismatches "
-            f"{self.image_token_mismatches}"
+            f"{self.image_token_mismatches}{extra}"
         )
 
 
@@ -63,43 +82,51 @@ class DataCheckReport:
 
     @property
     def ok(self) -> bool:
-        return all(s.bad == 0 and s.image_token_mismatches == 0 for s in self.splits.values())
+        return all(s.bad == 0 and s.image_token_mismatches == 0 and not s.bad_lines for s in self.splits.values())
 
     @property
     def bad_indices(self) -> dict[str, list[int]]:
         return {k: [i for i, _ in s.errors] for k, s in self.splits.items()}
 
     def __str__(self) -> str:
-        lines = [f"data check (max_length={self.max_length}): {'OK' if self.ok else 'PROBLEMS FOUND'}"]
+        warnings = sum(len(s.empty_answers) for s in self.splits.values())
+        verdict = ("OK" if self.ok else "PROBLEMS FOUND") + (f", {warnings} warning(s)" if warnings else "")
+        lines = [f"data check (max_length={self.max_length}): {verdict} (rows count from 0, lines from 1)"]
         for s in self.splits.values():
             lines.append("  " + s.summary())
-            for idx, reason in s.errors[:5]:
-                lines.append(f"    row {idx}: {reason[:200]}")
-            if len(s.errors) > 5:
-                lines.append(f"    ... and {len(s.errors) - 5} more")
+            listed = [reason for _, reason in s.bad_lines] + [f"{s.row_label(i)}: {r}" for i, r in s.errors]
+            listed += [f"{s.row_label(i)}: {EMPTY_ANSWER}" for i in s.empty_answers]
+            for entry in listed[:5]:
+                lines.append(f"    {entry[:200]}")
+            if len(listed) > 5:
+                lines.append(f"    ... and {len(listed) - 5} more")
         return "\n".join(lines)
 
 
 def check_splits(datasets: Mapping[str, ConversationDataset], collator: VisionChatCollator,
-                 splits: Sequence[str] | None = None, max_length: int | None = None) -> DataCheckReport:
+                 splits: Sequence[str] | None = None, max_length: int | None = None,
+                 bad_lines: Mapping[str, list[tuple[int, str]]] | None = None) -> DataCheckReport:
     """Walk every row once: load images, template + tokenize, compare image tokens with the vision tower's
-    feature count, and find rows that would be truncated or cannot be. Never raises for a bad row."""
+    feature count, find rows that would be truncated or cannot be, and note empty assistant answers. Never
+    raises for a bad row. ``bad_lines``: per split, the malformed JSONL lines ``load_rows`` skipped."""
     report = DataCheckReport(splits={}, max_length=max_length)
     for name in splits or list(datasets):
         ds = datasets[name]
-        sc = SplitCheck(name=name)
+        sc = SplitCheck(name=name, row_label=ds.row_label, bad_lines=list((bad_lines or {}).get(name, [])))
         for k in range(len(ds)):
             sc.rows += 1
             source_index = ds.indices[k]
             try:
                 row = ds[k]
+                if has_empty_answer(row["messages"]):
+                    sc.empty_answers.append(source_index)
                 enc = collator.encode_row(row)
             except OverlongRowError as e:
                 sc.overlong += 1
-                sc.errors.append((source_index, str(e)))
+                sc.errors.append((source_index, strip_row_prefix(str(e), source_index)))
                 continue
             except _BAD_ROW_ERRORS as e:
-                sc.errors.append((source_index, str(e)))
+                sc.errors.append((source_index, strip_row_prefix(str(e), source_index)))
                 continue
             sc.images += count_images(row["messages"])
             sc.tokens.append(enc.full_length)
@@ -108,8 +135,8 @@ def check_splits(datasets: Mapping[str, ConversationDataset], collator: VisionCh
             if enc.expected_image_tokens is not None and enc.expected_image_tokens != enc.num_image_tokens:
                 sc.image_token_mismatches += 1
                 sc.errors.append((source_index, (
-                    f"row {source_index}: {enc.num_image_tokens} image tokens in input_ids but the vision "
-                    f"tower yields {enc.expected_image_tokens} features")))
+                    f"{enc.num_image_tokens} image tokens in input_ids but the vision tower yields "
+                    f"{enc.expected_image_tokens} features")))
                 continue
             sc.ok += 1
         report.splits[name] = sc

@@ -26,10 +26,10 @@ from transformers import AutoProcessor
 
 from vlm_lightning.models.tiny import resolve_model_path
 
-from .check import DataCheckReport, check_splits
+from .check import EMPTY_ANSWER, DataCheckReport, check_splits, strip_row_prefix
 from .collate import VisionChatCollator
 from .datasets import ConversationDataset, load_rows
-from .formats import DEFAULT_INSTRUCTION, FormatOptions, RowFormatError
+from .formats import DEFAULT_INSTRUCTION, FormatOptions, RowFormatError, has_empty_answer
 from .sampling import ResumableLoader, ResumableSampler, resume_position
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,14 @@ class VisionChatDataModule(L.LightningDataModule):
         format, system_prompt, instruction, *_column: how rows are read (``FormatOptions``).
         max_length, train_on_responses_only, on_overlong: collator settings.
         on_bad_example: "raise" stops at the first bad row; "skip" validates every row in ``setup`` (images,
-            tokens, truncation), drops bad ones, and reports the counts (printed and to the logger).
+            tokens, truncation), drops bad ones, and reports the counts (printed and to the logger). Malformed
+            JSONL lines are bad examples too: "raise" names the file and line, "skip" leaves them out and counts
+            them in the split's ``num_skipped``.
         validate: run that validation even with "raise" (default: only with "skip").
+        on_empty_answer: a row whose assistant answer is empty ("" or whitespace) would train only the
+            end-of-turn token: "raise" (default) refuses it in ``setup`` naming the row, "skip" drops and counts
+            it, "keep" trains on it. Only for splits served with labels (not ``*_for_generation`` ones, where
+            the answer is just a reference).
         min_pixels, max_pixels: image pixel bounds (images are resized, and Qwen-VL processors configured).
         eval_for_generation: val/test batches are prompt-only (left padded, with ``references``) instead of
             teacher-forced batches with labels.
@@ -88,6 +94,7 @@ class VisionChatDataModule(L.LightningDataModule):
         on_overlong: str = "raise",
         on_bad_example: str = "raise",
         validate: bool | None = None,
+        on_empty_answer: str = "raise",
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         eval_for_generation: bool = False,
@@ -98,6 +105,8 @@ class VisionChatDataModule(L.LightningDataModule):
             raise ValueError(f"on_bad_example={on_bad_example!r}: expected 'raise' or 'skip'")
         if on_overlong not in ("raise", "skip"):
             raise ValueError(f"on_overlong={on_overlong!r}: expected 'raise' or 'skip'")
+        if on_empty_answer not in ("raise", "skip", "keep"):
+            raise ValueError(f"on_empty_answer={on_empty_answer!r}: expected 'raise', 'skip' or 'keep'")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
         if model_name_or_path is None and processor is None:
@@ -121,6 +130,7 @@ class VisionChatDataModule(L.LightningDataModule):
         self.on_overlong = on_overlong
         self.on_bad_example = on_bad_example
         self.validate = (on_bad_example == "skip") if validate is None else validate
+        self.on_empty_answer = on_empty_answer
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
         self.eval_for_generation = eval_for_generation
@@ -161,50 +171,73 @@ class VisionChatDataModule(L.LightningDataModule):
             resolve_model_path(self.model_name_or_path)
 
     def setup(self, stage: str | None = None) -> None:
+        """Read every split (``val_fraction`` split off), then drop or refuse rows: bad ones per ``on_bad_example``
+        (with ``validate`` the full walk of ``check()``, else the cheap format pass), empty answers per
+        ``on_empty_answer``. A split left without rows raises a ``ValueError`` naming it and its skip counts:
+        train always, val/test when skipping emptied them (an eval split empty in its source, e.g. the
+        ``val_fraction`` of a one-row train set, is legitimate: its loader logs a warning)."""
         if self.datasets:
             return
         self.get_processor()
-        loaded = {}
+        datasets, bad_lines = self._load(self.on_bad_example)
+        self.report = (check_splits(datasets, self.collator(), None, self.max_length, bad_lines)
+                       if self.validate else None)
+        num_skipped = {}
+        for name, ds in datasets.items():
+            if self.report is not None:
+                bad, empty = dict(self.report.splits[name].errors), self.report.splits[name].empty_answers
+            else:
+                bad, empty = self._check_formats(ds)
+            if bad and self.on_bad_example == "raise":
+                idx, reason = next(iter(bad.items()))
+                raise ValueError(f"{name} split: {ds.row_label(idx)}: {reason}")
+            trains_on_answers = not (self.train_for_generation if name == "train" else self.eval_for_generation)
+            empty = [i for i in empty if i not in bad] if trains_on_answers and self.on_empty_answer != "keep" else []
+            if empty and self.on_empty_answer == "raise":
+                raise ValueError(f"{name} split: {ds.row_label(empty[0])}: {EMPTY_ANSWER}")
+            drop = set(bad) | set(empty)
+            datasets[name] = ds.subset([k for k, src in enumerate(ds.indices) if src not in drop])
+            num_skipped[name] = len(drop) + len(bad_lines[name])
+            if len(datasets[name]) == 0 and (name == "train" or num_skipped[name]):
+                raise ValueError(_no_rows_left(name, len(ds), len(bad), len(empty), len(bad_lines[name])))
+        self.datasets, self.num_skipped = datasets, num_skipped
+        self._report_skips()
+
+    def _load(self, on_bad_line: str) -> tuple[dict[str, ConversationDataset], dict[str, list[tuple[int, str]]]]:
+        """Every split's rows, with ``val_fraction`` split off (no row checked yet), and per split the malformed
+        JSONL lines skipped, as (line, reason) (``on_bad_line="skip"``; they raise otherwise)."""
+        loaded, bad_lines = {}, {}
         for name, source in self.sources.items():
             if source is not None:
-                rows, base = load_rows(source, {"val": "validation"}.get(name, name))
-                opts = FormatOptions(**self.format_kwargs, base_dir=base)
-                loaded[name] = ConversationDataset(rows, opts, name=name)
+                src = load_rows(source, {"val": "validation"}.get(name, name), on_bad_line=on_bad_line)
+                opts = FormatOptions(**self.format_kwargs, base_dir=src.base_dir)
+                loaded[name] = ConversationDataset(src.rows, opts, name=name, lines=src.lines)
+                bad_lines[name] = src.bad_lines
         if "train" in loaded and "val" not in loaded and self.val_fraction > 0:
             train = loaded["train"]
             order = list(range(len(train)))
             random.Random(self.seed).shuffle(order)
             n_val = max(1, round(len(order) * self.val_fraction)) if len(order) > 1 else 0
-            loaded["val"] = ConversationDataset(train.rows, train.opts, sorted(order[:n_val]), name="val")
-            loaded["train"] = ConversationDataset(train.rows, train.opts, sorted(order[n_val:]), name="train")
-        self.datasets = loaded
-        if self.validate:
-            self.report = self.check(verbose=False)
-            for name, split in self.report.splits.items():
-                if split.errors and self.on_bad_example == "raise":
-                    idx, reason = split.errors[0]
-                    raise ValueError(f"{name} split: {reason}")
-                bad = {i for i, _ in split.errors}
-                ds = self.datasets[name]
-                self.datasets[name] = ds.subset([k for k, src in enumerate(ds.indices) if src not in bad])
-                self.num_skipped[name] = len(bad)
-        else:
-            for name, ds in self.datasets.items():  # formats are cheap to check: do it now, not mid-epoch
-                self.num_skipped[name] = self._check_formats(name, ds)
-        self._report_skips()
+            loaded["val"] = ConversationDataset(train.rows, train.opts, sorted(order[:n_val]), "val", train.lines)
+            loaded["train"] = ConversationDataset(train.rows, train.opts, sorted(order[n_val:]), "train", train.lines)
+            bad_lines["val"] = []
+        return loaded, bad_lines
 
-    def _check_formats(self, name: str, ds: ConversationDataset) -> int:
-        bad = []
-        for k in range(len(ds)):
+    def _check_formats(self, ds: ConversationDataset) -> tuple[dict[int, str], list[int]]:
+        """The cheap pass (no images, no tokens): rows that cannot be normalised (row index -> reason) and rows
+        with an empty assistant answer; done in ``setup`` rather than mid-epoch."""
+        bad, empty = {}, []
+        for k, src in enumerate(ds.indices):
             try:
-                ds[k]
+                row = ds[k]
             except RowFormatError as e:
+                bad[src] = strip_row_prefix(str(e), src)
                 if self.on_bad_example == "raise":
-                    raise ValueError(f"{name} split: {e}") from None
-                bad.append(k)
-        if bad:
-            self.datasets[name] = ds.subset([k for k in range(len(ds)) if k not in set(bad)])
-        return len(bad)
+                    break
+                continue
+            if has_empty_answer(row["messages"]):
+                empty.append(src)
+        return bad, empty
 
     def _report_skips(self) -> None:
         """Split sizes and skipped rows to the module logger (a warning when rows were dropped), the skip
@@ -222,10 +255,11 @@ class VisionChatDataModule(L.LightningDataModule):
     def check(self, splits: Sequence[str] | None = None, verbose: bool = True) -> DataCheckReport:
         """Walk every row once (``check.check_splits``): load images, template + tokenize, compare image tokens
         with the vision tower's feature count, and find rows that would be truncated or cannot be. Prints (with
-        ``verbose``) and returns a :class:`DataCheckReport`; never raises for a bad row (it is listed)."""
-        if not self.datasets:
-            self.setup()
-        report = check_splits(self.datasets, self.collator(), splits, self.max_length)
+        ``verbose``) and returns a :class:`DataCheckReport`; never raises for a bad row (it is listed). Before
+        ``setup`` it reads the splits itself and keeps nothing, so it lists the rows (and malformed JSONL lines)
+        ``setup`` would refuse; after ``setup`` it walks the rows that ``setup`` kept."""
+        datasets, bad_lines = (self.datasets, None) if self.datasets else self._load("skip")
+        report = check_splits(datasets, self.collator(), splits, self.max_length, bad_lines)
         if verbose:
             print(report)
         return report
@@ -235,6 +269,8 @@ class VisionChatDataModule(L.LightningDataModule):
     def _loader(self, name: str, shuffle: bool, batch_size: int, for_generation: bool) -> DataLoader:
         if name not in self.datasets:
             raise ValueError(f"no {name} data: pass {name}= (or val_fraction for val) to VisionChatDataModule")
+        if len(self.datasets[name]) == 0:  # empty in its source (setup raises when skipping emptied it)
+            log.warning("VisionChatDataModule: the %s split has 0 rows: its loader yields no batch", name)
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(
             self.datasets[name], batch_size=batch_size, shuffle=shuffle, generator=generator,
@@ -279,6 +315,16 @@ class VisionChatDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.num_skipped = dict(state_dict.get("num_skipped", {}))
+
+
+def _no_rows_left(name: str, rows: int, bad: int, empty: int, bad_lines: int) -> str:
+    """The error of a split that ``setup`` left without rows, with its skip counts."""
+    lines = f"; {bad_lines} invalid JSON line(s) skipped" if bad_lines else ""
+    if not rows:
+        return f"{name} split has no rows: its source holds none{lines}"
+    counts = ", ".join(f"{n} {what}" for n, what in ((bad, "bad"), (empty, "empty answer")) if n)
+    return (f"{name} split has no rows left: {bad + empty} of {rows} rows skipped ({counts}){lines}; "
+            "dm.check() lists them")
 
 
 def build_processor(name_or_path: str, min_pixels: int | None = None, max_pixels: int | None = None,

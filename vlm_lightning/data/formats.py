@@ -150,6 +150,15 @@ def count_images(messages: Sequence[Mapping[str, Any]]) -> int:
     return sum(1 for m in messages for p in m["content"] if p["type"] == "image")
 
 
+def has_empty_answer(messages: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether an assistant turn of normalised ``messages`` is empty (no text but whitespace, no image): training
+    on it supervises only the end-of-turn token."""
+    return any(
+        m["role"] == "assistant" and all(p["type"] == "text" and not p["text"].strip() for p in m["content"])
+        for m in messages
+    )
+
+
 def resolve_relative_path(ref: Any, base_dir: str | Path) -> Any:
     """Join a relative local path with ``base_dir`` when that file exists; every other ref is returned as is."""
     if isinstance(ref, Path):

@@ -37,16 +37,19 @@ class ImageLoadError(ValueError):
 
 
 def describe_ref(ref: Any, limit: int = 80) -> str:
-    """Short, printable description of an image reference (long base64 strings are truncated)."""
+    """Short, printable description of an image reference (long base64 strings are truncated; objects are
+    named by their type, never by a ``<... object at 0x...>`` repr)."""
     if isinstance(ref, Image.Image):
         return f"<PIL image mode={ref.mode} size={ref.size[0]}x{ref.size[1]}>"
     if isinstance(ref, (bytes, bytearray, memoryview)):
-        return f"<{len(ref)} bytes>"
+        return f"bytes ({len(ref)} B)"
     if isinstance(ref, np.ndarray):
         return f"<array shape={tuple(ref.shape)} dtype={ref.dtype}>"
     if isinstance(ref, Mapping):
         b = ref.get("bytes")
         return f"<image dict path={ref.get('path')!r} bytes={'None' if b is None else len(b)}>"
+    if ref is not None and not isinstance(ref, (str, os.PathLike, int, float)):
+        return type(ref).__name__
     s = str(ref)
     if len(s) > limit:
         return repr(s[: limit // 2] + f"...<{len(s)} chars>")
@@ -195,7 +198,10 @@ def _b64decode(payload: str) -> bytes:
 def _decode(data: bytes) -> Image.Image:
     if len(data) == 0:
         raise ImageLoadError("empty data (0 bytes)")
-    img = Image.open(io.BytesIO(data))
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # PIL's message names the BytesIO object: describe the bytes instead
+        raise UnidentifiedImageError(f"not a known image format: bytes ({len(data)} B)") from None
     img.load()  # raises OSError("image file is truncated") for cut-off files
     return img
 

@@ -55,8 +55,9 @@ class GRPOLossConfig:
         beta: weight of the k3 KL to the reference policy (0 = no reference forward needed).
         max_completion_length: the fixed denominator of "dr_grpo" (B * max_completion_length); when
             None the padded completion width T of each batch is used.
-        log_ratio_clip: |log w| and |ref - logp| are clamped to this before ``exp`` so that a run-away
-            ratio stays finite in fp32/bf16 (exp(20) = 4.9e8); beyond it the term has no gradient.
+        log_ratio_clip: |log w| and ``ref - logp`` (from above only) are clamped to this before ``exp`` so
+            that a run-away ratio stays finite in fp32/bf16 (exp(20) = 4.9e8); beyond it the term has no
+            gradient. A large negative ``ref - logp`` cannot overflow and keeps its exact k3 value and gradient.
     """
 
     num_generations: int = 8
@@ -240,12 +241,13 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, clip: float = 20.0) -> tor
     """Per-token k3 estimator of KL(pi || pi_ref): exp(ref - logp) - (ref - logp) - 1 >= 0.
 
     Args:
-        logp, ref_logp: (B, T). ``ref - logp`` is clamped to [-clip, clip] so it cannot overflow.
+        logp, ref_logp: (B, T). ``ref - logp`` is clamped to at most ``clip`` so ``exp`` cannot overflow;
+            below the reference (negative differences) the value and gradient are exact.
 
     Returns:
         (B, T) float32; exactly 0 where ``logp == ref_logp``.
     """
-    d = (ref_logp.float() - logp.float()).clamp(-clip, clip)
+    d = (ref_logp.float() - logp.float()).clamp(max=clip)
     return torch.exp(d) - d - 1.0
 
 
