@@ -6,6 +6,7 @@ import base64
 import functools
 import http.server
 import io
+import re
 import socket
 import threading
 from pathlib import Path
@@ -14,6 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vlm_lightning.data.datasets import ConversationDataset, load_rows
+from vlm_lightning.data.formats import FormatOptions
 from vlm_lightning.data.images import ImageLoadError, load_image
 
 
@@ -45,12 +48,34 @@ def test_local_relative_path_resolves_against_base_dir(sample):
     assert _same(load_image("sub/a.png", 0, base_dir=d), img)
 
 
-def test_absolute_path_and_pathlike_and_file_url(sample):
+def test_absolute_path_and_pathlike(sample):
     d, img = sample
     p = d / "sub" / "a.png"
     assert _same(load_image(str(p), 0), img)
-    assert _same(load_image(p, 0), img)
-    assert _same(load_image(p.as_uri(), 0), img)
+    assert _same(load_image(p, 0), img)  # file:// URLs are refused: tests/data/test_fetch.py
+
+
+def test_relative_path_never_falls_back_to_the_working_directory(sample, tmp_path, monkeypatch):
+    # issue 17 item 3: img/x.png missing beside the data file but present under the cwd was loaded without a word
+    d, img = sample
+    data_dir, cwd = tmp_path / "data", tmp_path / "cwd"
+    data_dir.mkdir()
+    (cwd / "img").mkdir(parents=True)
+    img.save(cwd / "img" / "x.png")
+    (data_dir / "train.jsonl").write_text('{"image": "ok.png", "text": "1"}\n{"image": "img/x.png", "text": "2"}\n')
+    img.save(data_dir / "ok.png")
+    monkeypatch.chdir(cwd)
+    src = load_rows(str(data_dir / "train.jsonl"))
+    ds = ConversationDataset(src.rows, FormatOptions(base_dir=src.base_dir), lines=src.lines)
+    tried = re.escape(str(data_dir.resolve() / "img" / "x.png"))
+    assert _same(load_image(ds[0]["messages"][0]["content"][0]["image"], 0), img)
+    with pytest.raises(ImageLoadError, match=rf"row 1: cannot use image '{tried}': file not found: {tried}$"):
+        load_image(ds[1]["messages"][0]["content"][0]["image"], 1)
+    beside = re.escape(str(data_dir / "img" / "x.png"))
+    for ref in ("img/x.png", Path("img/x.png"), {"bytes": None, "path": "img/x.png"}):
+        with pytest.raises(ImageLoadError, match=rf"row 1: .*file not found: {beside}$"):
+            load_image(ref, 1, base_dir=data_dir)
+    assert _same(load_image("img/x.png", 1), img)  # no data file (rows given as a Python list): the cwd
 
 
 def test_base64_and_data_uri_and_urlsafe(sample):

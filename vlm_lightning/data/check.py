@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 from .collate import OverlongRowError, VisionChatCollator
 from .datasets import ConversationDataset
+from .fetch import FetchBudget
 from .formats import RowFormatError, count_images, has_empty_answer
-from .images import ImageLoadError
+from .images import ImageFetchTimeout, ImageLoadError
 
 _BAD_ROW_ERRORS = (ImageLoadError, RowFormatError, OverlongRowError)
 EMPTY_ANSWER = "empty assistant answer (only its end-of-turn token would be trained; see on_empty_answer)"
@@ -47,6 +48,7 @@ class SplitCheck:
     truncated: int = 0
     overlong: int = 0
     image_token_mismatches: int = 0
+    timeouts: int = 0  # bad rows whose image URL timed out
     tokens: list[int] = field(default_factory=list, repr=False)
     supervised: list[int] = field(default_factory=list, repr=False)
     errors: list[tuple[int, str]] = field(default_factory=list)  # (row index, reason without "row N: ")
@@ -60,6 +62,8 @@ class SplitCheck:
 
     def summary(self) -> str:
         extra = f" | empty answers {len(self.empty_answers)}" if self.empty_answers else ""
+        if self.timeouts:
+            extra += f" | URL timeouts {self.timeouts}"
         if self.bad_lines:
             extra += f" | invalid JSON lines {len(self.bad_lines)}"
         if not self.tokens:
@@ -108,11 +112,13 @@ def check_splits(datasets: Mapping[str, ConversationDataset], collator: VisionCh
                  bad_lines: Mapping[str, list[tuple[int, str]]] | None = None) -> DataCheckReport:
     """Walk every row once: load images, template + tokenize, compare image tokens with the vision tower's
     feature count, find rows that would be truncated or cannot be, and note empty assistant answers. Never
-    raises for a bad row. ``bad_lines``: per split, the malformed JSONL lines ``load_rows`` skipped."""
+    raises for a bad row; counts those whose image URL timed out. Each split gets a fresh URL fetch budget
+    (``collator.fetch_budget``). ``bad_lines``: per split, the malformed JSONL lines ``load_rows`` skipped."""
     report = DataCheckReport(splits={}, max_length=max_length)
     for name in splits or list(datasets):
         ds = datasets[name]
         sc = SplitCheck(name=name, row_label=ds.row_label, bad_lines=list((bad_lines or {}).get(name, [])))
+        collator.fetch_budget = FetchBudget(collator.fetch_budget.total_s)  # a fresh fetch budget per split
         for k in range(len(ds)):
             sc.rows += 1
             source_index = ds.indices[k]
@@ -126,6 +132,7 @@ def check_splits(datasets: Mapping[str, ConversationDataset], collator: VisionCh
                 sc.errors.append((source_index, strip_row_prefix(str(e), source_index)))
                 continue
             except _BAD_ROW_ERRORS as e:
+                sc.timeouts += isinstance(e, ImageFetchTimeout)
                 sc.errors.append((source_index, strip_row_prefix(str(e), source_index)))
                 continue
             sc.images += count_images(row["messages"])

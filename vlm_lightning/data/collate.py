@@ -24,8 +24,9 @@ from PIL import Image
 from vlm_lightning.models import families
 from vlm_lightning.models.hf import IGNORE_INDEX
 
+from .fetch import MAX_IMAGE_BYTES, FetchBudget
 from .formats import RowFormatError
-from .images import ImageLoadError, load_image
+from .images import ImageFetchTimeout, ImageLoadError, load_image
 from .labels import assistant_token_labels, render_chat, strip_image_refs, text_of
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,10 @@ class VisionChatCollator:
     Rows longer than ``max_length`` lose their text tail; a row whose cut would touch an image (or, in
     training, remove every answer token) raises ``OverlongRowError``, or is dropped and counted in
     ``num_skipped`` with ``on_overlong="skip"``. ``on_bad_example="skip"`` does the same for rows whose
-    images fail to load. A batch whose rows were all dropped collates to ``None``.
+    images fail to load (``num_timeouts`` counts those whose URL timed out). A batch whose rows were all
+    dropped collates to ``None``. Image URLs: ``image_timeout_s`` per attempt (two attempts), bodies up to
+    ``max_image_bytes``, and ``image_fetch_budget_s`` seconds that failing fetches may cost this collator's
+    split in all (``fetch_budget``; then its further URLs fail at once).
 
     Example:
         >>> collator = VisionChatCollator(processor, max_length=1024)
@@ -96,6 +100,9 @@ class VisionChatCollator:
         base_dir: str | None = None,
         on_bad_example: str = "raise",
         min_image_side: int | None = None,
+        image_timeout_s: float = 10.0,
+        image_fetch_budget_s: float = 120.0,
+        max_image_bytes: int | None = MAX_IMAGE_BYTES,
     ):
         if on_overlong not in ("raise", "skip"):
             raise ValueError(f"on_overlong={on_overlong!r}: expected 'raise' or 'skip'")
@@ -114,7 +121,11 @@ class VisionChatCollator:
         self.max_pixels = max_pixels
         self.base_dir = base_dir
         self.min_image_side = min_image_side if min_image_side is not None else families.min_image_side(processor)
+        self.image_timeout_s = image_timeout_s
+        self.max_image_bytes = max_image_bytes
+        self.fetch_budget = FetchBudget(image_fetch_budget_s)
         self.num_skipped = 0
+        self.num_timeouts = 0
         self.skipped: list[tuple[int, str]] = []  # (row index, reason), capped at 100 entries
         self.image_token_id = families.image_token_id(processor)
         self.vision_token_ids = families.vision_token_ids(processor)
@@ -145,6 +156,7 @@ class VisionChatCollator:
 
     def _skip(self, row: Mapping[str, Any], err: Exception) -> None:
         self.num_skipped += 1
+        self.num_timeouts += isinstance(err, ImageFetchTimeout)
         if len(self.skipped) < 100:
             self.skipped.append((row.get("index", -1), str(err)))
         log.warning("skipping row %s: %s", row.get("index", "?"), err)
@@ -188,7 +200,8 @@ class VisionChatCollator:
         images = [
             load_image(
                 p["image"], row_index=index, base_dir=self.base_dir, min_pixels=self.min_pixels,
-                max_pixels=self.max_pixels, min_side=self.min_image_side,
+                max_pixels=self.max_pixels, min_side=self.min_image_side, timeout=self.image_timeout_s,
+                max_bytes=self.max_image_bytes, budget=self.fetch_budget,
             )
             for m in messages for p in m["content"] if p["type"] == "image"
         ]

@@ -29,6 +29,7 @@ from vlm_lightning.models.tiny import resolve_model_path
 from .check import EMPTY_ANSWER, DataCheckReport, check_splits, strip_row_prefix
 from .collate import VisionChatCollator
 from .datasets import ConversationDataset, load_rows
+from .fetch import MAX_IMAGE_BYTES
 from .formats import DEFAULT_INSTRUCTION, FormatOptions, RowFormatError, has_empty_answer
 from .sampling import ResumableLoader, ResumableSampler, resume_position
 
@@ -58,6 +59,9 @@ class VisionChatDataModule(L.LightningDataModule):
             it, "keep" trains on it. Only for splits served with labels (not ``*_for_generation`` ones, where
             the answer is just a reference).
         min_pixels, max_pixels: image pixel bounds (images are resized, and Qwen-VL processors configured).
+        image_timeout_s, image_fetch_budget_s, max_image_bytes: image URLs (http/https only) get
+            ``image_timeout_s`` per attempt (two attempts), may cost a split ``image_fetch_budget_s`` seconds of
+            failing fetches in all, and are refused over ``max_image_bytes`` (``data:`` URIs too) before decoding.
         eval_for_generation: val/test batches are prompt-only (left padded, with ``references``) instead of
             teacher-forced batches with labels.
         train_for_generation: train batches are prompt-only too (GRPO samples its own completions).
@@ -97,6 +101,9 @@ class VisionChatDataModule(L.LightningDataModule):
         on_empty_answer: str = "raise",
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        image_timeout_s: float = 10.0,
+        image_fetch_budget_s: float = 120.0,
+        max_image_bytes: int | None = MAX_IMAGE_BYTES,
         eval_for_generation: bool = False,
         train_for_generation: bool = False,
     ):
@@ -133,6 +140,8 @@ class VisionChatDataModule(L.LightningDataModule):
         self.on_empty_answer = on_empty_answer
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
+        self.image_fetch = dict(image_timeout_s=image_timeout_s, image_fetch_budget_s=image_fetch_budget_s,
+                                max_image_bytes=max_image_bytes)
         self.eval_for_generation = eval_for_generation
         self.train_for_generation = train_for_generation
         self.datasets: dict[str, ConversationDataset] = {}
@@ -159,7 +168,7 @@ class VisionChatDataModule(L.LightningDataModule):
         return VisionChatCollator(
             self.get_processor(), max_length=self.max_length, train_on_responses_only=self.train_on_responses_only,
             for_generation=for_generation, on_overlong=self.on_overlong, min_pixels=self.min_pixels,
-            max_pixels=self.max_pixels, on_bad_example=self.on_bad_example,
+            max_pixels=self.max_pixels, on_bad_example=self.on_bad_example, **self.image_fetch,
         )
 
     # --------------------------------------------------------------------------------------- setup
@@ -244,8 +253,9 @@ class VisionChatDataModule(L.LightningDataModule):
         counts to the trainer's logger."""
         sizes = ", ".join(f"{n}={len(d)}" for n, d in self.datasets.items())
         skipped = {n: c for n, c in self.num_skipped.items() if c}
-        log.log(logging.WARNING if skipped else logging.INFO,
-                "VisionChatDataModule: rows %s; skipped bad rows: %s", sizes, skipped or "none")
+        timeouts = {n: s.timeouts for n, s in self.report.splits.items() if s.timeouts} if self.report else {}
+        log.log(logging.WARNING if skipped else logging.INFO, "VisionChatDataModule: rows %s; skipped bad rows: %s%s",
+                sizes, skipped or "none", f" (image URL timeouts: {timeouts})" if timeouts else "")
         if self.trainer is not None and self.trainer.logger is not None:
             self.trainer.logger.log_metrics({f"data/skipped_{n}": float(c) for n, c in self.num_skipped.items()},
                                             step=0)

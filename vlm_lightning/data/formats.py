@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .images import may_be_base64
+
 IMAGE_TAG = "<image>"
 DEFAULT_INSTRUCTION = "Read the text in the image."
 FORMATS = ("auto", "messages", "llava", "image_text", "vqa")
@@ -160,7 +162,9 @@ def has_empty_answer(messages: Sequence[Mapping[str, Any]]) -> bool:
 
 
 def resolve_relative_path(ref: Any, base_dir: str | Path) -> Any:
-    """Join a relative local path with ``base_dir`` when that file exists; every other ref is returned as is."""
+    """Join a relative local path with ``base_dir`` (a missing file too, so that its error names where it was
+    looked for; never a fallback to the working directory); a string that may be base64 stays as is unless
+    that file exists, and every other ref is returned as is."""
     if isinstance(ref, Path):
         ref = str(ref)
     if isinstance(ref, Mapping) and ref.get("bytes") is None and isinstance(ref.get("path"), str):
@@ -171,7 +175,7 @@ def resolve_relative_path(ref: Any, base_dir: str | Path) -> Any:
     if p.is_absolute():
         return ref
     candidate = Path(base_dir) / p
-    return str(candidate) if candidate.exists() else ref
+    return str(candidate) if candidate.exists() or not may_be_base64(ref) else ref
 
 
 # ----------------------------------------------------------------------------------------------- formats

@@ -1,8 +1,10 @@
 """Load and validate one image reference, so every model sees an upright RGB image of sane size.
 
 Accepted references: local path (relative paths resolve against ``base_dir``, the dataset file's
-folder), ``file://`` URL, ``http(s)://`` URL (timeout + retries), base64 string or ``data:`` URI, raw
-bytes, a PIL image, a numpy HWC array and HF datasets image dicts ``{"bytes": ..., "path": ...}``.
+folder, only; without one, against the working directory), ``http(s)://`` URL (fetched by ``fetch.py``:
+timeout, one retry, size cap, per-split budget), base64 string or ``data:`` URI, raw bytes, a PIL image, a
+numpy HWC array and HF datasets image dicts ``{"bytes": ..., "path": ...}``. Any other URL scheme
+(``file://``, ``ftp://``, ...) is refused. Images over PIL's ``Image.MAX_IMAGE_PIXELS`` are refused too.
 
 Every failure raises :class:`ImageLoadError` (a ``ValueError``) naming the row index and the source.
 """
@@ -15,18 +17,18 @@ import io
 import math
 import os
 import re
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlm_lightning.models.families import DEFAULT_MIN_SIDE  # smaller sides get hallucinated over
+
+from .fetch import MAX_IMAGE_BYTES, FetchBudget, FetchError, fetch_url
 
 MAX_ASPECT_RATIO = 200.0  # Qwen-VL's smart_resize refuses larger ratios
 _B64_RE = re.compile(r"^[A-Za-z0-9+/=_\-\s]+$")
@@ -34,6 +36,15 @@ _B64_RE = re.compile(r"^[A-Za-z0-9+/=_\-\s]+$")
 
 class ImageLoadError(ValueError):
     """An image reference that cannot be turned into a usable RGB image (names the row and the source)."""
+
+
+class ImageFetchTimeout(ImageLoadError):
+    """An image URL whose server did not answer in time (skip mode counts these apart from bad rows)."""
+
+
+def may_be_base64(ref: str) -> bool:
+    """Whether the string ``ref`` could be a base64 image rather than a path (long, base64 alphabet only)."""
+    return len(ref) >= 32 and _B64_RE.match(ref) is not None
 
 
 def describe_ref(ref: Any, limit: int = 80) -> str:
@@ -65,13 +76,17 @@ def load_image(
     min_side: int = DEFAULT_MIN_SIDE,
     max_aspect_ratio: float = MAX_ASPECT_RATIO,
     timeout: float = 10.0,
-    retries: int = 2,
+    retries: int = 1,
+    max_bytes: int | None = MAX_IMAGE_BYTES,
+    budget: FetchBudget | None = None,
 ) -> Image.Image:
     """Load ``ref`` as an upright RGB PIL image within ``[min_pixels, max_pixels]`` (aspect ratio kept).
 
     Raises ``ImageLoadError`` (a ``ValueError``) naming ``row_index`` and the source for missing,
-    empty, corrupt or truncated files, unreachable URLs, and degenerate images (a side under
-    ``min_side`` px or an aspect ratio over ``max_aspect_ratio``).
+    empty, corrupt or truncated files, unreachable URLs (``ImageFetchTimeout`` when the server did not
+    answer), refused URL schemes, URLs and ``data:`` URIs over ``max_bytes``, images over PIL's
+    ``Image.MAX_IMAGE_PIXELS`` and degenerate images (a side under ``min_side`` px or an aspect ratio over
+    ``max_aspect_ratio``). URLs: ``timeout`` seconds per attempt, ``retries + 1`` attempts, within ``budget``.
 
     Example:
         >>> img = load_image("images/0001.png", row_index=3, base_dir="data/", max_pixels=512 * 512)
@@ -81,17 +96,17 @@ def load_image(
     where = f"row {row_index}" if row_index is not None else "image"
     source = describe_ref(ref)
 
-    def fail(reason: str) -> ImageLoadError:
+    def fail(reason: str, kind: type[ImageLoadError] = ImageLoadError) -> ImageLoadError:
         if len(reason) > 300:  # PIL echoes file names, which may be whole base64 strings
             reason = reason[:300] + "..."
-        return ImageLoadError(f"{where}: cannot use image {source}: {reason}")
+        return kind(f"{where}: cannot use image {source}: {reason}")
 
     try:
-        img = _open(ref, base_dir, timeout, retries)
+        img = _open(ref, base_dir, _Fetch(timeout, retries, max_bytes, budget))
     except ImageLoadError as e:
         raise fail(str(e)) from None
-    except Image.DecompressionBombError as e:
-        raise fail(f"too large ({e}); downscale it or raise PIL.Image.MAX_IMAGE_PIXELS") from None
+    except FetchError as e:
+        raise fail(str(e), ImageFetchTimeout if e.timed_out else ImageLoadError) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise fail(f"corrupt or unreadable image ({type(e).__name__}: {e})") from None
 
@@ -119,7 +134,14 @@ def _check_geometry(w: int, h: int, min_side: int, max_aspect_ratio: float, fail
 # ----------------------------------------------------------------------------------------------- sources
 
 
-def _open(ref: Any, base_dir, timeout: float, retries: int) -> Image.Image:
+class _Fetch(NamedTuple):
+    timeout: float
+    retries: int
+    max_bytes: int | None
+    budget: FetchBudget | None
+
+
+def _open(ref: Any, base_dir, fetch: _Fetch) -> Image.Image:
     """Open and fully decode ``ref`` (decoding here turns truncation into an error now, not in a worker later)."""
     if isinstance(ref, Image.Image):
         ref.load()
@@ -133,7 +155,7 @@ def _open(ref: Any, base_dir, timeout: float, retries: int) -> Image.Image:
             return _decode(bytes(ref["bytes"]))
         for key in ("path", "url", "image"):
             if ref.get(key) is not None:
-                return _open(ref[key], base_dir, timeout, retries)
+                return _open(ref[key], base_dir, fetch)
         raise ImageLoadError("image dict has neither 'bytes' nor 'path'")
     if isinstance(ref, os.PathLike):
         return _open_path(Path(ref), base_dir)
@@ -143,29 +165,27 @@ def _open(ref: Any, base_dir, timeout: float, retries: int) -> Image.Image:
         raise ImageLoadError("empty image reference")
     if ref.startswith("data:"):
         header, _, payload = ref.partition(",")
-        if ";base64" not in header:
-            return _decode(urllib.parse.unquote_to_bytes(payload))
-        return _decode(_b64decode(payload))
-    scheme = ref.split("://", 1)[0].lower() if "://" in ref[:16] else ""
-    if scheme in ("http", "https"):
-        return _decode(_download(ref, timeout, retries))
-    if scheme == "file":
-        parsed = urllib.parse.urlparse(ref)
-        return _open_path(Path(urllib.request.url2pathname(urllib.parse.unquote(parsed.path))), None)
-    if scheme:
-        raise ImageLoadError(f"unsupported URL scheme {scheme!r}")
-    path = Path(ref).expanduser()
-    candidates = [path] if path.is_absolute() or base_dir is None else [Path(base_dir) / path, path]
-    for c in candidates:
-        if _is_file(c):
-            return _open_path(c, None)
-    if len(ref) >= 32 and _B64_RE.match(ref):  # long and no file of that name: try base64
+        data = _b64decode(payload) if ";base64" in header else urllib.parse.unquote_to_bytes(payload)
+        if fetch.max_bytes is not None and len(data) > fetch.max_bytes:
+            raise ImageLoadError(f"data: URI of {len(data)} B exceeds max_image_bytes={fetch.max_bytes}")
+        return _decode(data)
+    if "://" in ref[:16]:  # http(s) only: fetch_url refuses file://, ftp://, ...
+        return _decode(fetch_url(ref, fetch.timeout, fetch.retries, fetch.max_bytes, fetch.budget))
+    path = _resolve(Path(ref).expanduser(), base_dir)
+    if _is_file(path):
+        return _open_path(path, None)
+    if may_be_base64(ref):  # long and no file of that name: try base64
         try:
             return _decode(_b64decode(ref))
         except ImageLoadError:
             pass
-    tried = ", ".join(str(c) for c in candidates)
-    raise ImageLoadError(f"file not found (tried {tried})")
+    raise ImageLoadError(f"file not found: {path}")
+
+
+def _resolve(path: Path, base_dir) -> Path:
+    """A relative ``path`` joined with ``base_dir`` (the data file's folder) only; never a silent second try in
+    the working directory, which is where it resolves when there is no ``base_dir`` (rows given in Python)."""
+    return path if path.is_absolute() or base_dir is None else Path(base_dir) / path
 
 
 def _is_file(path: Path) -> bool:
@@ -176,8 +196,7 @@ def _is_file(path: Path) -> bool:
 
 
 def _open_path(path: Path, base_dir) -> Image.Image:
-    if not path.is_absolute() and base_dir is not None and (Path(base_dir) / path).is_file():
-        path = Path(base_dir) / path
+    path = _resolve(path, base_dir)
     if not path.is_file():
         raise ImageLoadError(f"file not found: {path}")
     if path.stat().st_size == 0:
@@ -199,38 +218,21 @@ def _decode(data: bytes) -> Image.Image:
     if len(data) == 0:
         raise ImageLoadError("empty data (0 bytes)")
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # PIL only warns between MAX_IMAGE_PIXELS and twice it: refuse both
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:  # PIL's message names the BytesIO object: describe the bytes instead
         raise UnidentifiedImageError(f"not a known image format: bytes ({len(data)} B)") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ImageLoadError(_too_many_pixels(e)) from None
     img.load()  # raises OSError("image file is truncated") for cut-off files
     return img
 
 
-def _download(url: str, timeout: float, retries: int) -> bytes:
-    last: Exception | None = None
-    attempts = 0
-    for attempt in range(retries + 1):
-        attempts += 1
-        try:
-            req = urllib.request.Request(url, headers={"User-Agent": "vlm-lightning/0.1"})
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return resp.read()
-        except urllib.error.HTTPError as e:
-            last = e
-            if e.code < 500 and e.code != 429:  # client errors will not fix themselves
-                break
-        except (urllib.error.URLError, TimeoutError, OSError) as e:
-            last = e
-        if attempt < retries:
-            time.sleep(0.5 * 2**attempt)
-    if isinstance(last, urllib.error.HTTPError):
-        reason = f"HTTP Error {last.code} {last.reason}"
-    else:
-        reason = getattr(last, "reason", last)
-    raise ImageLoadError(
-        f"download failed after {attempts} attempt(s) (timeout {timeout}s): {reason}. "
-        "Offline? Download the images and point the dataset at local paths."
-    )
+def _too_many_pixels(err: Exception) -> str:
+    found = re.search(r"\((\d+) pixels\)", str(err))  # PIL's "Image size (N pixels) exceeds limit of ..."
+    return (f"possible decompression bomb: {found.group(1) if found else 'its'} pixels exceed "
+            f"PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}; downscale the image or raise that limit")
 
 
 # ----------------------------------------------------------------------------------------------- pixels

@@ -53,7 +53,10 @@ def resume_position(trainer, n_batches: int) -> tuple[int, int]:
     checkpoint written inside an epoch of ``n_batches`` batches; (0, 0) otherwise."""
     if trainer is None or not getattr(trainer.fit_loop, "restarting", False):
         return 0, 0
-    done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+    # processed, not completed: a checkpoint written in on_train_batch_end (ModelCheckpoint every N steps) holds
+    # the batch as processed but not yet completed; Lightning completes it when the loop resets, after the
+    # loaders are built (for a checkpoint written after the batch, the two are equal)
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
     if not 0 < done < n_batches:
         return 0, 0
     return done, max(trainer.fit_loop.epoch_progress.current.started - 1, 0)
