@@ -18,6 +18,7 @@ from lightning.pytorch import Callback
 
 from ..distributed.checks import shards_parameters
 from ..distributed.gather import exportable_source, on_rank_zero, save_adapter_gathered
+from ..export.atomic import inside
 from ..export.merge import merge_lora
 
 __all__ = ["MergeLoRA", "base_model_path"]
@@ -32,7 +33,8 @@ class MergeLoRA(Callback):
     16-bit weights are reloaded from the module's `model_name_or_path` (see `vlm_lightning.export.merge_lora`).
 
     Args:
-        out_dir: folder for the merged model (safetensors shards, config, processor, chat template).
+        out_dir: folder for the merged model (safetensors shards, config, processor, chat template); written
+            under a temporary name and renamed when complete (an older folder there is replaced).
         base_name_or_path: 16-bit base weights, if not the module's own `name_or_path`.
         dtype: dtype of the merged weights ("bfloat16", "float16", "float32").
         max_shard_size: safetensors shard size, e.g. "2GB".
@@ -61,6 +63,9 @@ class MergeLoRA(Callback):
         self.dtype = dtype
         self.max_shard_size = max_shard_size
         self.adapter_dir = Path(adapter_dir) if adapter_dir else None
+        if self.adapter_dir is not None and inside(self.adapter_dir, self.out_dir):
+            raise ValueError(f"MergeLoRA adapter_dir={adapter_dir!r} is inside out_dir={out_dir!r}, which the merge "
+                             "replaces as a whole: choose a folder beside it")
         self.at_fit_end = at_fit_end
         self.push_to_hub = push_to_hub
         self.private = private

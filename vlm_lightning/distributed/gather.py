@@ -29,6 +29,8 @@ from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import ShardingStrategy
 
+from vlm_lightning.export.atomic import atomic_dir
+
 from .checks import shards_parameters, strategy_kind, strategy_of
 
 __all__ = ["all_gather_objects", "clean_parameter_name", "exportable_source", "gather_full_state_dict",
@@ -135,13 +137,13 @@ def save_adapter_gathered(trainer: Any, pl_module: nn.Module, directory: str | P
         sd = {clean_parameter_name(k): v for k, v in sd.items()}
         if not sd:
             raise RuntimeError(f"save_adapter_gathered: no adapter weight among {len(full)} trainable tensors")
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(directory / "adapter_model.safetensors"),
-                  metadata={"format": "pt"})
-        peft_model.peft_config["default"].save_pretrained(str(directory))
-        processor = getattr(pl_module, "processor", None)
-        if processor is not None:
-            processor.save_pretrained(str(directory))
+        with atomic_dir(directory) as tmp:  # renamed into place only once complete
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "adapter_model.safetensors"),
+                      metadata={"format": "pt"})
+            peft_model.peft_config["default"].save_pretrained(str(tmp))
+            processor = getattr(pl_module, "processor", None)
+            if processor is not None:
+                processor.save_pretrained(str(tmp))
 
     on_rank_zero(trainer, write, "vlm_lightning.save_adapter_gathered")
     return directory

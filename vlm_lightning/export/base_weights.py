@@ -18,6 +18,7 @@ from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
 from vlm_lightning.models.hf import is_quantized
+from vlm_lightning.models.patch import unpatched_class
 
 __all__ = [
     "BaseWeightsMissing", "stock_model_class", "load_base_16bit", "check_base_loaded", "quantization_of_source",
@@ -38,7 +39,7 @@ def stock_model_class(model=None, config=None):
         'Qwen2_5_VLForConditionalGeneration'
     """
     if model is not None:
-        for cls in type(model).__mro__:
+        for cls in unpatched_class(model).__mro__:  # our swaps keep transformers' module name: skip them first
             if cls.__module__.startswith("transformers."):
                 return cls
         raise TypeError(f"{type(model).__name__} is not a transformers model class or a subclass of one")

@@ -20,6 +20,7 @@ from peft import PeftModel, set_peft_model_state_dict
 from vlm_lightning.models.hf import resolve_dtype
 from vlm_lightning.models.tiny import resolve_model_path
 
+from .atomic import atomic_dir, inside
 from .base_weights import clean_merged_config, load_base_16bit, stock_model_class
 from .checkpoint import is_deepspeed_checkpoint, source_from_checkpoint
 from .hub import push_folder
@@ -157,7 +158,8 @@ def merge_lora(
     transformers model (its `.processor` is saved too), a `PeftModel.save_pretrained` folder or a Lightning
     `.ckpt` (LoRA or full). `base_name_or_path` overrides the base recorded in the adapter / checkpoint. A
     base whose files lack a weight is refused (`BaseWeightsMissing`) before anything is written. `safe=True`
-    raises on NaN/Inf in the merged weights (before anything is written). `push_to_hub="user/repo"` uploads the
+    raises on NaN/Inf in the merged weights (before anything is written). The folder is written under a
+    temporary name beside `out_dir` and renamed when complete (`export.atomic`). `push_to_hub="user/repo"` uploads the
     folder afterwards (token from `HF_TOKEN`); when the upload fails the folder stays on disk and the error says
     where it is.
 
@@ -166,6 +168,10 @@ def merge_lora(
         PosixPath('runs/demo/merged')
     """
     out = Path(out_dir)
+    for name, given in (("checkpoint", model_or_adapter_dir), ("base", base_name_or_path)):
+        if isinstance(given, (str, Path)) and Path(given).exists() and inside(given, out):
+            raise ValueError(f"{name} {given} is inside out_dir {out}, which the merge replaces as a whole: "
+                             "write the merged folder elsewhere")
     torch_dtype = _dtype(dtype)
     src = resolve_source(model_or_adapter_dir, base_name_or_path, processor)
     proc = load_processor(src)  # fail before the (slow) merge when the folder could not be complete
@@ -182,17 +188,17 @@ def merge_lora(
     clean_merged_config(merged)
     merged.config.use_cache = True
     merged.config.architectures = [stock_model_class(merged).__name__]
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
-    proc.save_pretrained(out)
-    _copy_generation_config(src, out)
-    (out / "merge_info.json").write_text(json.dumps({
-        "base": src.base_name_or_path, "adapter": src.origin, "kind": "full" if src.is_full else "lora",
-        "base_weights": how, "dtype": str(torch_dtype).replace("torch.", ""),
-        "lora_r": getattr(src.peft_config, "r", None),
-        "target_modules": _jsonable(getattr(src.peft_config, "target_modules", None)),
-        "processor_kwargs": src.processor_kwargs,
-    }, indent=2, default=str))
+    with atomic_dir(out) as tmp:  # an interrupted merge leaves no folder under the final name
+        merged.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
+        proc.save_pretrained(tmp)
+        _copy_generation_config(src, tmp)
+        (tmp / "merge_info.json").write_text(json.dumps({
+            "base": src.base_name_or_path, "adapter": src.origin, "kind": "full" if src.is_full else "lora",
+            "base_weights": how, "dtype": str(torch_dtype).replace("torch.", ""),
+            "lora_r": getattr(src.peft_config, "r", None),
+            "target_modules": _jsonable(getattr(src.peft_config, "target_modules", None)),
+            "processor_kwargs": src.processor_kwargs,
+        }, indent=2, default=str))
     del merged, base
     if push_to_hub:
         push_folder(out, push_to_hub, private=private, commit_message="Upload merged model (vlm-lightning)")

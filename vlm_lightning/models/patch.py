@@ -84,10 +84,10 @@ def swap_forward(module: nn.Module, tag: str, make_forward, name: str | None = N
         forward = functools.wraps(cls.forward)(forward)
         attrs = {"forward": forward, _PATCHED: (*getattr(cls, _PATCHED, ()), tag)}
         if isinstance(module, PreTrainedModel):
-            # transformers keys a model's output recorders (output_hidden_states, ...) on str(model.__class__):
-            # the subclass keeps the name of the class it replaces, so they are still found
+            # transformers keys a model's output recorders (output_hidden_states, ...) on str(model.__class__),
+            # i.e. module + qualname: the subclass keeps those of the class it replaces, so they are still found
             attrs.update(__module__=cls.__module__, __qualname__=cls.__qualname__)
-            sub = type(cls.__name__, (cls,), attrs)
+            sub = type(name or cls.__name__, (cls,), attrs)
         else:  # registered here by a name of its own, so a pickled module finds its class again
             qual = f"_{tag}_{cls.__module__.replace('.', '_')}_{cls.__qualname__}"
             attrs.update(__module__=__name__, __qualname__=qual)
@@ -96,6 +96,11 @@ def swap_forward(module: nn.Module, tag: str, make_forward, name: str | None = N
         _SUBCLASSES[key] = sub
     module.__class__ = _SUBCLASSES[key]
     return True
+
+
+def unpatched_class(module: nn.Module) -> type:
+    """The class ``module`` had before any ``swap_forward`` (the first class of its MRO that is not a swap)."""
+    return next(cls for cls in type(module).__mro__ if _PATCHED not in vars(cls))
 
 
 def patched_tags(module: nn.Module) -> tuple[str, ...]:

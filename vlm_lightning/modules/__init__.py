@@ -1,5 +1,6 @@
 """LightningModules: supervised fine-tuning (``VisionSFTModule``) and GRPO/GSPO (``VisionGRPOModule``)."""
+from .base import NonFiniteError
 from .grpo import VisionGRPOModule
 from .sft import VisionSFTModule
 
-__all__ = ["VisionGRPOModule", "VisionSFTModule"]
+__all__ = ["NonFiniteError", "VisionGRPOModule", "VisionSFTModule"]

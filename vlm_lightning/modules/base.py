@@ -27,17 +27,23 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch.nn.modules.module import _IncompatibleKeys
 
 from vlm_lightning.distributed.checks import check_module_strategy
+from vlm_lightning.export.atomic import atomic_dir
 from vlm_lightning.export.base_weights import write_stock_architectures
 from vlm_lightning.models.build import build_model
+from vlm_lightning.models.families import image_token_id
 from vlm_lightning.models.hf import model_inputs, unwrap_model
 from vlm_lightning.models.levers import parse_checkpointing
 from vlm_lightning.rollout.hf import generate_tokens
 
-__all__ = ["VisionModule"]
+__all__ = ["NonFiniteError", "VisionModule"]
 
 _LORA_ARGS = ("r", "lora_alpha", "lora_dropout", "finetune_language_layers", "finetune_vision_layers",
               "finetune_attention_modules", "finetune_mlp_modules", "finetune_projector", "target_modules",
               "modules_to_save", "use_rslora", "use_dora", "lora_dtype", "init_lora_weights")
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/inf loss or gradient norm stopped training (``VisionModule(nan_guard=True)``)."""
 
 
 def _default_optimizer(params):
@@ -81,6 +87,9 @@ class VisionModule(L.LightningModule):
             in the compute dtype, no autocast); elsewhere PEFT's forward.
         compile_layers: ``torch.compile`` each decoder layer (True: inductor, or a backend name); the first
             step pays the compile time.
+        nan_guard: stop training with ``NonFiniteError`` (naming the global step and the batch's
+            ``row_index``) on a non-finite loss or gradient norm, before the optimizer step, so the last
+            checkpoint stays the last good one. False: train on.
     """
 
     def __init__(
@@ -113,6 +122,7 @@ class VisionModule(L.LightningModule):
         frozen_vision_no_grad: bool = False,
         fused_lora: bool = False,
         compile_layers: bool | str = False,
+        nan_guard: bool = True,
     ):
         super().__init__()
         parse_checkpointing(gradient_checkpointing)  # a bad mode fails here, naming the option
@@ -132,7 +142,8 @@ class VisionModule(L.LightningModule):
     # ---------------------------------------------------------------------------------------- model
     def setup(self, stage: str) -> None:
         """Refuse strategy/quantisation combinations that cannot work (FSDP + 4-bit without
-        ``bnb_4bit_quant_storage == dtype``) before the model is built, and adopt the data's processor."""
+        ``bnb_4bit_quant_storage == dtype``) before the model is built, and adopt the data's processor (its
+        image-token id is checked against the model config's once both are known)."""
         check_module_strategy(self)
         self._adopt_data_processor()
 
@@ -147,6 +158,7 @@ class VisionModule(L.LightningModule):
         self.processor_kwargs = dict(getattr(dm, "processor_kwargs", None) or {})
         if self.model is not None:
             self.processor = self._data_processor
+            self._check_image_token()
 
     def configure_model(self) -> None:
         """Build the model (``models.build.build_model``: load, kernels, LoRA or all weights, levers).
@@ -163,6 +175,22 @@ class VisionModule(L.LightningModule):
             fused_lora=hp.fused_lora, compile_layers=hp.compile_layers)
         self.model = model
         self.processor = self._data_processor if self._data_processor is not None else processor
+        self._check_image_token()
+
+    def _check_image_token(self) -> None:
+        """Refuse a processor whose image-token id differs from the model config's (``image_token_id`` /
+        ``image_token_index``) now, not at the first forward deep inside transformers."""
+        config = getattr(self.hf_model, "config", None)
+        attr = next((a for a in ("image_token_id", "image_token_index") if getattr(config, a, None) is not None),
+                    None)
+        proc_id = image_token_id(self.processor) if self.processor is not None else None
+        if attr is None or proc_id is None or int(getattr(config, attr)) == proc_id:
+            return
+        source = ("the data module's processor (get_processor())" if self.processor is self._data_processor
+                  else f"the processor loaded from {self.hparams.model_name_or_path!r}")
+        raise ValueError(f"image token mismatch: {source} uses image token id {proc_id}, but the model config of "
+                         f"{self.hparams.model_name_or_path!r} has {attr}={getattr(config, attr)}; use the "
+                         "processor saved with this model (or fix config.json)")
 
     @property
     def hf_model(self) -> torch.nn.Module:
@@ -183,6 +211,30 @@ class VisionModule(L.LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------- NaN guard
+    def check_finite(self, value: torch.Tensor, what: str, rows: list | None) -> None:
+        """Raise ``NonFiniteError`` when ``value`` is NaN/inf (on any rank: every rank raises together) and
+        ``nan_guard`` is on. ``rows``: the batch's ``row_index`` values (None: the batch has none)."""
+        if not self.hparams.get("nan_guard", True):
+            return
+        bad = (~torch.isfinite(value.detach().float())).any().float()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if float(bad) > 0:
+            step = self.trainer.global_step if self._trainer is not None else None
+            where = f"rows {rows}" if rows is not None else "rows unknown (the batch has no row_index)"
+            raise NonFiniteError(f"non-finite {what} ({float(value.detach().float().sum())}) at global step {step}, "
+                                 f"batch {where}; training stopped before the optimizer step, so the last "
+                                 "checkpoint is the last good one (nan_guard=False trains on)")
+
+    def check_finite_grad_norm(self, rows: list | None) -> None:
+        """``check_finite`` on the total 2-norm of the trainable gradients (this rank's shard under FSDP)."""
+        if not self.hparams.get("nan_guard", True):
+            return
+        grads = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            self.check_finite(torch.stack(grads).norm(), "gradient norm", rows)
 
     # ----------------------------------------------------------------------------------- checkpoints
     def _trainable_names(self) -> list[str]:
@@ -227,7 +279,8 @@ class VisionModule(L.LightningModule):
 
     def save_adapter(self, directory: str | Path) -> Path:
         """Write the PEFT adapter (``PeftModel.from_pretrained(base, directory)`` loads it) and the processor;
-        for ``lora=False`` the full model. Only global rank zero writes.
+        for ``lora=False`` the full model. Only global rank zero writes, under a temporary name beside
+        ``directory`` that is renamed when complete (an existing folder is replaced).
 
         Example:
             >>> module.save_adapter("runs/ocr/adapter")
@@ -235,12 +288,12 @@ class VisionModule(L.LightningModule):
         directory = Path(directory)
         if self._trainer is not None and not self.trainer.is_global_zero:
             return directory
-        directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(directory)
-        if not self.hparams.lora:  # use_kernels' Fused* class must not name the architecture
-            write_stock_architectures(directory, self.model)
-        if self.processor is not None:
-            self.processor.save_pretrained(directory)
+        with atomic_dir(directory) as tmp:  # renamed when complete: an interrupted save leaves no adapter folder
+            self.model.save_pretrained(tmp)
+            if not self.hparams.lora:  # use_kernels' Fused* class must not name the architecture
+                write_stock_architectures(tmp, self.model)
+            if self.processor is not None:
+                self.processor.save_pretrained(tmp)
         return directory
 
     # ------------------------------------------------------------------------------------ generation

@@ -333,10 +333,12 @@ class VisionGRPOModule(VisionModule):
                 loss, m = clipped_policy_loss(logp, old_logps[j], adv[rows], mask[rows], self.loss_config,
                                               ref_logp=ref_logps[j], num_items_in_batch=n_active,
                                               grad_accum_steps=len(micro), world_size=world)
+                self.check_finite(loss, "loss", batch.get("row_index"))  # before backward and step
                 self.manual_backward(loss)
                 sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
                 for key, v in m.items():
                     sums[key] = sums.get(key, 0.0) + float(v) / (len(micro) * hp.num_iterations)
+            self.check_finite_grad_norm(batch.get("row_index"))
             if hp.max_grad_norm:
                 self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
             opt.step()

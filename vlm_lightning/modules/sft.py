@@ -13,7 +13,8 @@ hidden state at the supervised positions only, so the (B, T, V) logits are never
 
 Model building, trainable-only checkpoints, the export block and ``save_adapter`` are the shared base's
 (``modules.base.VisionModule``); the loss itself is ``losses.sft.token_loss``, a pure function of the hidden
-states, the lm_head and the labels. Throughput (tokens/s, images/s) is logged per optimizer step.
+states, the lm_head and the labels. Throughput (tokens/s, images/s) is logged per optimizer step. A NaN/inf
+loss or gradient norm stops training (``nan_guard``, the base's).
 
 Example:
     >>> module = VisionSFTModule("Qwen/Qwen2-VL-2B-Instruct", quantization="4bit", r=16)
@@ -63,6 +64,7 @@ class VisionSFTModule(VisionModule):
         self.default_max_new_tokens = generation_max_new_tokens
         self._window_norm: torch.Tensor | None = None  # c of the current accumulation window
         self._window_tokens: torch.Tensor | None = None  # supervised tokens seen in the window
+        self._window_rows: list | None = None  # row_index of the window's batches (for the NaN guard)
         self._t_last: float | None = None
 
     # ----------------------------------------------------------------------------------------- loss
@@ -89,7 +91,12 @@ class VisionSFTModule(VisionModule):
             world = self.trainer.world_size if self._trainer is not None else 1
             self._window_norm = (self._sync_sum(n_tokens) / world).clamp(min=1.0)
             self._window_tokens = torch.zeros((), device=n_tokens.device)
+            self._window_rows = [] if "row_index" in batch else None
         loss, _ = self.normalized_loss(batch, self._window_norm)
+        rows = list(batch["row_index"]) if "row_index" in batch else None
+        self.check_finite(loss, "loss", rows)  # before backward: no step, no checkpoint after a bad batch
+        if self._window_rows is not None and rows is not None:
+            self._window_rows.extend(rows)
         self._window_tokens = self._window_tokens + n_tokens
         mean = loss.detach() * self._window_norm / n_tokens.clamp(min=1)  # this micro-batch's token mean
         bs = batch["input_ids"].shape[0]
@@ -109,6 +116,7 @@ class VisionSFTModule(VisionModule):
             for p in group["params"]:
                 if p.grad is not None:
                     p.grad.mul_(scale.to(p.grad.dtype))
+        self.check_finite_grad_norm(self._window_rows)
         self._window_norm = None
         self._window_tokens = None
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from ..atomic import atomic_file
 from ..hub import push_folder
 from .arch import layout_for_config
 from .vocab import write_vocab
@@ -315,15 +316,20 @@ def to_gguf(
     weights = _Weights(model_dir)
     paths: dict[str, Path] = {}
 
+    # every file is written under a temporary name and renamed when complete (an interrupted export leaves
+    # no file that looks whole)
     text_path = out / f"{name}-{quant}.gguf"
     if backend is None:
-        _write_text(text_path, model_dir, cfg, fam, weights, quant, name, tokenizer_pre)
+        with atomic_file(text_path) as tmp:
+            _write_text(tmp, model_dir, cfg, fam, weights, quant, name, tokenizer_pre)
     else:
         f16_path = out / f"{name}-f16.gguf"
         existed = f16_path.exists()
-        _write_text(f16_path, model_dir, cfg, fam, weights, "f16", name, tokenizer_pre)
+        with atomic_file(f16_path) as tmp:
+            _write_text(tmp, model_dir, cfg, fam, weights, "f16", name, tokenizer_pre)
         try:
-            _kquantize(f16_path, text_path, quant, backend)
+            with atomic_file(text_path) as tmp:
+                _kquantize(f16_path, tmp, quant, backend)
         finally:
             if not keep_intermediate and not existed:
                 f16_path.unlink(missing_ok=True)
@@ -332,7 +338,8 @@ def to_gguf(
     paths["model"] = text_path
     if mmproj:
         mm_path = out / f"mmproj-{name}-{mmproj_quant}.gguf"
-        _write_mmproj(mm_path, model_dir, cfg, fam, weights, mmproj_quant, name)
+        with atomic_file(mm_path) as tmp:
+            _write_mmproj(tmp, model_dir, cfg, fam, weights, mmproj_quant, name)
         paths["mmproj"] = mm_path
     if push_to_hub:
         push_folder(out, push_to_hub, private=private, allow_patterns=["*.gguf", "*.md"],
