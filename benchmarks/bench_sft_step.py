@@ -5,8 +5,7 @@ Shape: Qwen2.5-VL-7B (real config, random weights), LoRA r=16 on every language-
 batch 4 x 2048 tokens, one 448x448 image per row, AdamW, median step time after warm-up.
 Each arm runs in its own process (so peak memory and patched modules never leak between arms).
 
-What it deliberately leaves out: Unsloth (its wheels and their dependencies are not installed on the GPU
-machine; its figures from the issue are quoted in RESULTS.md, not re-measured), real data.
+Leaves out: Unsloth (``../shared/device/unsloth/`` runs it on this shape) and real data (bench_sft_realdata.py).
 
 MFU formula (per optimizer step):
     FLOPs = tokens * (4 * N_frozen_lm + 6 * N_lora) + 6 * L * T * d * tokens / 2 (causal attention, fwd+bwd)
@@ -19,15 +18,13 @@ Ours, lever by lever (``OURS_ARMS``: VisionSFTModule kwargs per arm):
     ours_lora_vision_nograd       + frozen_vision_no_grad (frozen vision tower without autograd)
     ours_lora_fused               + fused_lora (LoRA update addmm'd into the base GEMM output)
     ours_lora_all                 kernels + vision no-grad + fused LoRA (full checkpointing)
-    ours_lora_all_every2 / _every4 / _attn / _nogc   ... with selective / no checkpointing
+    ours_lora_all_every2 / _every4 / _attn / _nogc / _lean / _offload   ... other checkpointing modes
     ours_lora_all_compile         ... + torch.compile of each decoder layer
     ours_qlora_all                4-bit with kernels + vision no-grad + fused LoRA
 ``--levers '{"fused_lora": true}'`` merges extra kwargs into every ours arm; ``--kernels`` sets use_kernels.
 
 Run (GPU):  python benchmarks/bench_sft_step.py --out $OUT       (all arms, ~8 min on one H200)
-Levers (GPU): python benchmarks/bench_sft_step.py --out $OUT \
-              --arms ours_lora,ours_lora_kernels,ours_lora_vision_nograd,ours_lora_fused,ours_lora_all,\
-              ours_lora_all_every2,ours_lora_all_compile
+Profile (GPU): ... --arms ours_lora_all --profile ours_lora_all   (torch.profiler table of step --warmup)
 Smoke (CPU): python benchmarks/bench_sft_step.py --tiny --arms hf_peft_gc,ours_lora,ours_lora_all --steps 3
 """
 from __future__ import annotations
@@ -51,10 +48,11 @@ OURS_ARMS = {  # arm -> VisionSFTModule kwargs on top of the shared LoRA r=16 se
     "ours_lora_vision_nograd": {"frozen_vision_no_grad": True},
     "ours_lora_fused": {"fused_lora": True},
     "ours_lora_all": dict(_ALL),
-    "ours_lora_all_every2": {**_ALL, "gradient_checkpointing": "every_2"},
-    "ours_lora_all_every4": {**_ALL, "gradient_checkpointing": "every_4"},
-    "ours_lora_all_attn": {**_ALL, "gradient_checkpointing": "attention"},
-    "ours_lora_all_nogc": {**_ALL, "gradient_checkpointing": False},
+    **{f"ours_lora_all_{k}": {**_ALL, "gradient_checkpointing": v} for k, v in
+       {"every2": "every_2", "every4": "every_4", "attn": "attention", "nogc": False, "lean": "lean",
+        "offload": "offload"}.items()},
+    "ours_qlora_all_lean": {**_ALL, "quantization": "4bit", "gradient_checkpointing": "lean"},
+    "ours_qlora_all_offload": {**_ALL, "quantization": "4bit", "gradient_checkpointing": "offload"},
     "ours_lora_all_compile": {**_ALL, "compile_layers": True},
     "ours_qlora_all": {**_ALL, "quantization": "4bit"},
 }
@@ -62,7 +60,7 @@ H200_BF16_PEAK = 989.4e12
 
 
 def prepare_model_dir(path: Path, tiny: bool) -> Path:
-    """Random-weight Qwen2.5-VL(-7B shape) saved once, with a processor from our tiny fixture."""
+    """Random-weight Qwen2.5-VL(-7B shape) saved once, with our fixture's processor (and its token ids)."""
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -70,6 +68,10 @@ def prepare_model_dir(path: Path, tiny: bool) -> Path:
         return path
     path.mkdir(parents=True, exist_ok=True)
     config = utils.build_config(tiny=tiny)
+    add_processor(path)  # the special-token ids follow the fixture processor saved beside the weights
+    fixture = json.loads((path.parent / "tiny_processor_src" / "config.json").read_text())
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        setattr(config, key, fixture[key])
     torch.manual_seed(0)
     dtype = torch.float32 if tiny else torch.bfloat16
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -81,10 +83,10 @@ def prepare_model_dir(path: Path, tiny: bool) -> Path:
 
 
 def add_processor(path: Path) -> None:
-    """Our module loads a processor beside the weights: the tiny fixture's (the synthetic batch's token
-    ids do not need its vocabulary)."""
+    """Save the tiny fixture's processor beside the weights (ours loads one from there)."""
     if (path / "processor_config.json").exists() or (path / "preprocessor_config.json").exists():
         return
+    path.mkdir(parents=True, exist_ok=True)
     from transformers import AutoProcessor
 
     from vlm_lightning.models.tiny import make_tiny_vlm
@@ -174,6 +176,7 @@ def run_hf_arm(arm: str, args) -> dict:
 def run_ours_arm(arm: str, args) -> dict:
     import lightning as L
     import torch
+    from transformers import AutoConfig
 
     from vlm_lightning.modules import VisionSFTModule
 
@@ -187,7 +190,7 @@ def run_ours_arm(arm: str, args) -> dict:
                              finetune_mlp_modules=True,
                              # same optimizer as the HF arms, so the loss curves are comparable
                              optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4), **kwargs)
-    config = utils.build_config(tiny=args.tiny)
+    config = AutoConfig.from_pretrained(args.model_dir)
     batch = utils.synthetic_vlm_batch(config, args.batch, args.seq_len, image_side=args.image_side, seed=0)
 
     class Repeat(torch.utils.data.IterableDataset):
@@ -196,10 +199,12 @@ def run_ours_arm(arm: str, args) -> dict:
                 yield batch
 
     timer = StepTimer(device)
+    extra = ([utils.profile_callback(max(args.warmup - 1, 0), args.out / f"profile_{arm}.md")]
+             if arm in args.profile.split(",") else [])
     trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1,
                         precision="bf16-true" if device == "cuda" else "32-true", max_steps=args.steps,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[timer])
+                        enable_model_summary=False, callbacks=[timer, *extra])
     t_fit = time.perf_counter()
     torch.manual_seed(1)  # as the HF arms seed just before LoRA init
     trainer.fit(module, torch.utils.data.DataLoader(Repeat(), batch_size=None))
@@ -274,12 +279,12 @@ def summarize(arm, args, config, batch, times, losses, n_lm, n_lora, n_vis) -> d
 def max_batch(arm: str, args) -> int | None:
     """Largest batch (x seq_len tokens) that runs two steps, doubling from args.batch."""
     best = None
-    b = args.batch
+    b = args.max_batch_start or args.batch
     while b <= 64:
         cmd = [sys.executable, __file__, "--child", arm, "--model-dir", str(args.model_dir), "--batch", str(b),
                "--seq-len", str(args.seq_len), "--steps", "2", "--warmup", "0",
                "--image-side", str(args.image_side)]
-        cmd += child_flags(args)
+        cmd += child_flags(args) + ["--profile", ""]  # the search runs are not profiled
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0 or "RESULT " not in r.stdout:
             break
@@ -289,7 +294,8 @@ def max_batch(arm: str, args) -> int | None:
 
 
 def child_flags(args) -> list[str]:
-    return (["--kernels"] if args.kernels else []) + (["--levers", args.levers] if args.levers else [])
+    return ((["--kernels"] if args.kernels else []) + (["--levers", args.levers] if args.levers else [])
+            + ["--out", str(args.out), "--profile", args.profile])
 
 
 def main():
@@ -304,7 +310,9 @@ def main():
     p.add_argument("--kernels", action="store_true", help="ours with use_kernels=True")
     p.add_argument("--levers", default="", help="JSON object of VisionSFTModule kwargs merged into every ours "
                                                 "arm, e.g. '{\"gradient_checkpointing\": \"every_2\"}'")
+    p.add_argument("--profile", default="", help="comma list of ours arms to trace one step of (torch.profiler)")
     p.add_argument("--max-batch-search", default="", help="comma list of arms to search the max batch for")
+    p.add_argument("--max-batch-start", type=int, default=0, help="first batch the search tries (default --batch)")
     p.add_argument("--model-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)

@@ -203,3 +203,49 @@ def append_jsonl(path: str | Path, rows: list[dict]) -> None:
     with path.open("a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
+
+
+def profile_table(prof, step_s: float, top: int = 25) -> str:
+    """Markdown table of the ``top`` GPU kernels of a ``torch.profiler`` trace by self device time, each with
+    its share of the profiled step's wall time (``step_s``) and its call count."""
+    kernel = torch.autograd.DeviceType.CUDA  # kernels and copies only: CPU ops' device totals double-count them
+    events = [e for e in prof.key_averages() if e.device_type == kernel and e.self_device_time_total > 0]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    total_ms = sum(e.self_device_time_total for e in events) / 1e3
+    lines = [f"step {step_s * 1e3:.0f} ms wall; GPU kernels busy {total_ms:.0f} ms "
+             f"({total_ms / (step_s * 1e3):.0%} of the step)", "",
+             "| kernel | calls | GPU ms | share of step |", "|---|---|---|---|"]
+    for e in events[:top]:
+        ms = e.self_device_time_total / 1e3
+        name = e.key.replace("|", "/")[:90]
+        lines.append(f"| `{name}` | {e.count} | {ms:.1f} | {ms / (step_s * 1e3):.1%} |")
+    return "\n".join(lines)
+
+
+def profile_callback(step_index: int, out_path: Path):
+    """A Lightning callback that traces optimizer step ``step_index`` with ``torch.profiler`` (CPU + CUDA) and
+    writes ``profile_table`` to ``out_path`` (markdown) when the step ends."""
+    import lightning as L  # heavy import: only the profiled arms need Lightning here
+
+    class _Profile(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == step_index:
+                acts = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    acts.append(torch.profiler.ProfilerActivity.CUDA)
+                sync()
+                self.prof = torch.profiler.profile(activities=acts)
+                self.prof.__enter__()
+                self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == step_index:
+                sync()
+                step_s = time.perf_counter() - self.t0
+                self.prof.__exit__(None, None, None)
+                table = profile_table(self.prof, step_s)
+                Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+                Path(out_path).write_text(table + "\n")
+                print(table, flush=True)
+
+    return _Profile()

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from .checkpointing import checkpoint_layers
 from .families import get_family_spec
 from .hf import unwrap_model
 from .lora import fuse_lora_forward
@@ -37,7 +38,7 @@ from .patch import swap_forward
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTING_MODES = ("none", "full", "mlp", "attention", "every_N")
+CHECKPOINTING_MODES = ("none", "full", "lean", "offload", "mlp", "attention", "every_N")
 _SUBBLOCK_ATTRS = {"mlp": ("mlp", "feed_forward", "ffn"), "attention": ("self_attn", "attn", "attention")}
 
 
@@ -123,7 +124,7 @@ def parse_checkpointing(value: bool | str | None) -> str:
         return "full"
     if mode in ("false", "none", ""):
         return "none"
-    if mode in ("mlp", "attention"):
+    if mode in ("mlp", "attention", "lean", "offload"):
         return mode
     m = re.fullmatch(r"every_(\d+)", mode)
     if m and int(m.group(1)) >= 1:
@@ -153,7 +154,9 @@ def set_checkpointing_mode(model: nn.Module, mode: bool | str, family_spec=None)
     to ``mode`` on the language decoder layers; the vision tower keeps its setting. Returns the mode.
 
     "mlp"/"attention": the layer itself is no longer checkpointed, only that sub-block is (its input is saved,
-    its internals recomputed in backward). "every_N": layers 0, N, 2N, ... stay checkpointed, the others
+    its internals recomputed in backward). "lean"/"offload": every layer through ``checkpointing.LayerCheckpoint``
+    (the recompute skips the frozen ``down_proj`` GEMM; "offload" keeps the layer inputs in host memory).
+    "every_N": layers 0, N, 2N, ... stay checkpointed, the others
     keep their activations. "full"/"none": nothing to change.
 
     Example:
@@ -166,6 +169,9 @@ def set_checkpointing_mode(model: nn.Module, mode: bool | str, family_spec=None)
     if not any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
         raise ValueError(f"gradient_checkpointing={mode!r}: checkpointing is not enabled on the decoder layers "
                          "(enable it first: apply_lora(..., gradient_checkpointing=True))")
+    if mode in ("lean", "offload"):
+        checkpoint_layers(layers, offload=mode == "offload")
+        return mode
     if mode.startswith("every_"):
         n = int(mode.split("_")[1])
         for i, layer in enumerate(layers):
