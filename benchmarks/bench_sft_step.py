@@ -5,7 +5,7 @@ Shape: Qwen2.5-VL-7B (real config, random weights), LoRA r=16 on every language-
 batch 4 x 2048 tokens, one 448x448 image per row, AdamW, median step time after warm-up.
 Each arm runs in its own process (so peak memory and patched modules never leak between arms).
 
-Leaves out: Unsloth (``../shared/device/unsloth/`` runs it on this shape) and real data (bench_sft_realdata.py).
+Leaves out: Unsloth (run with its own harness on this shape; RESULTS.md) and real data (bench_sft_realdata.py).
 
 MFU formula (per optimizer step):
     FLOPs = tokens * (4 * N_frozen_lm + 6 * N_lora) + 6 * L * T * d * tokens / 2 (causal attention, fwd+bwd)

@@ -20,6 +20,7 @@ from vlm_lightning.models.levers import apply_speed_levers, parse_checkpointing
 from vlm_lightning.models.loading import load_vlm
 from vlm_lightning.models.lora import apply_lora, prepare_full_finetune
 from vlm_lightning.models.patch import apply_kernels
+from vlm_lightning.models.vision_attention import batch_vision_windows
 
 __all__ = ["build_model"]
 
@@ -37,11 +38,12 @@ def build_model(model_name_or_path: str, *, quantization: str | None = None, dty
     Args:
         model_name_or_path, quantization, dtype, attn_implementation, trust_remote_code, bnb_4bit_quant_storage:
             see ``models.loading.load_vlm``.
-        use_kernels: swap in the fused Triton ops (``models.patch.apply_kernels``) before LoRA.
+        use_kernels: swap in the fused Triton ops (``models.patch.apply_kernels``) before LoRA, and batch the
+            Qwen-VL vision windows (``models.vision_attention.batch_vision_windows``).
         lora: keyword arguments of ``models.lora.apply_lora`` (r, lora_alpha, finetune_*...), or None to
             train every weight (full fine-tune).
-        gradient_checkpointing: True/"full", False/"none", or a selective mode ("mlp", "attention",
-            "every_N") of ``models.levers.set_checkpointing_mode``.
+        gradient_checkpointing: True/"full", False/"none", "lean", "offload" (``models.checkpointing``), or a
+            selective mode ("mlp", "attention", "every_N") of ``models.levers.set_checkpointing_mode``.
         frozen_vision_no_grad, fused_lora, compile_layers: the levers of ``models.levers.apply_speed_levers``.
     Returns:
         (model in train mode: a PeftModel, or the HF model for a full fine-tune; its processor).
@@ -52,6 +54,7 @@ def build_model(model_name_or_path: str, *, quantization: str | None = None, dty
                                 bnb_4bit_quant_storage=bnb_4bit_quant_storage)
     if use_kernels:
         apply_kernels(model)
+        batch_vision_windows(model)  # Qwen-VL vision windows: one SDPA call per run of equal-length windows
     if lora is not None:
         model = apply_lora(model, gradient_checkpointing=checkpointing != "none", **lora)
     else:
