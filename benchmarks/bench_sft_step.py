@@ -198,7 +198,7 @@ def run_ours_arm(arm: str, args) -> dict:
             for _ in range(args.steps):
                 yield batch
 
-    timer = StepTimer(device)
+    timer = utils.StepTimer(device)
     extra = ([utils.profile_callback(max(args.warmup - 1, 0), args.out / f"profile_{arm}.md")]
              if arm in args.profile.split(",") else [])
     trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1,
@@ -227,40 +227,6 @@ def ours_kwargs(arm: str, args) -> dict:
     return kwargs
 
 
-class StepTimer:
-    """Times each optimizer step from batch start to batch end, device-synchronised."""
-
-    def __new__(cls, device):
-        import lightning as L
-        import torch
-
-        class _Timer(L.Callback):
-            def __init__(self):
-                self.times, self.losses, self.fit_start, self.first_step_end = [], [], None, None
-
-            def on_train_start(self, trainer, pl_module):
-                self.fit_start = time.perf_counter()
-
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                    if batch_idx == 0:
-                        torch.cuda.reset_peak_memory_stats()
-                self._t0 = time.perf_counter()
-
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                now = time.perf_counter()
-                self.times.append(now - self._t0)
-                if self.first_step_end is None:
-                    self.first_step_end = now
-                loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-                self.losses.append(float(loss))
-
-        return _Timer()
-
-
 def summarize(arm, args, config, batch, times, losses, n_lm, n_lora, n_vis) -> dict:
     import statistics
 
@@ -277,12 +243,12 @@ def summarize(arm, args, config, batch, times, losses, n_lm, n_lora, n_vis) -> d
 
 
 def max_batch(arm: str, args) -> int | None:
-    """Largest batch (x seq_len tokens) that runs two steps, doubling from args.batch."""
+    """Largest batch (x seq_len tokens) that runs one step, doubling from --max-batch-start (or --batch)."""
     best = None
     b = args.max_batch_start or args.batch
-    while b <= 64:
+    while b <= 1024:
         cmd = [sys.executable, __file__, "--child", arm, "--model-dir", str(args.model_dir), "--batch", str(b),
-               "--seq-len", str(args.seq_len), "--steps", "2", "--warmup", "0",
+               "--seq-len", str(args.seq_len), "--steps", "1", "--warmup", "0",
                "--image-side", str(args.image_side)]
         cmd += child_flags(args) + ["--profile", ""]  # the search runs are not profiled
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -295,7 +261,7 @@ def max_batch(arm: str, args) -> int | None:
 
 def child_flags(args) -> list[str]:
     return ((["--kernels"] if args.kernels else []) + (["--levers", args.levers] if args.levers else [])
-            + ["--out", str(args.out), "--profile", args.profile])
+            + ["--out", str(args.out), "--profile", args.profile, "--memory-cap-gib", str(args.memory_cap_gib)])
 
 
 def main():
@@ -313,6 +279,7 @@ def main():
     p.add_argument("--profile", default="", help="comma list of ours arms to trace one step of (torch.profiler)")
     p.add_argument("--max-batch-search", default="", help="comma list of arms to search the max batch for")
     p.add_argument("--max-batch-start", type=int, default=0, help="first batch the search tries (default --batch)")
+    p.add_argument("--memory-cap-gib", type=float, default=0, help="cap each arm's GPU memory (e.g. 80 on an H200)")
     p.add_argument("--model-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -328,6 +295,7 @@ def main():
         if not isinstance(levers, dict):
             raise SystemExit(f"--levers: expected a JSON object of VisionSFTModule kwargs, got {args.levers!r}")
     if args.child:
+        utils.cap_gpu_memory(args.memory_cap_gib)
         fn = run_ours_arm if args.child.startswith("ours") else run_hf_arm
         res = fn(args.child, args)
         print("RESULT " + json.dumps(res), flush=True)

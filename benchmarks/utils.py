@@ -249,3 +249,44 @@ def profile_callback(step_index: int, out_path: Path):
                 print(table, flush=True)
 
     return _Profile()
+
+
+class StepTimer:
+    """Times each optimizer step from batch start to batch end, device-synchronised."""
+
+    def __new__(cls, device):
+        import lightning as L  # heavy import: only the Trainer-driven arms need it
+
+        class _Timer(L.Callback):
+            def __init__(self):
+                self.times, self.losses, self.fit_start, self.first_step_end = [], [], None, None
+
+            def on_train_start(self, trainer, pl_module):
+                self.fit_start = time.perf_counter()
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    if batch_idx == 0:
+                        torch.cuda.reset_peak_memory_stats()
+                self._t0 = time.perf_counter()
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                now = time.perf_counter()
+                self.times.append(now - self._t0)
+                if self.first_step_end is None:
+                    self.first_step_end = now
+                loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+                self.losses.append(float(loss))
+
+        return _Timer()
+
+
+def cap_gpu_memory(gib: float) -> None:
+    """Let this process use at most ``gib`` GiB of the GPU (0: no cap), e.g. 80 on a 141 GB H200 to find what
+    fits an 80 GB card."""
+    if gib and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gib / total))
