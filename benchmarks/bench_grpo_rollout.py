@@ -165,7 +165,9 @@ def run_grpo_arm(arm: str, args) -> dict:
 
     add_processor(Path(args.model_dir))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = utils.build_config(tiny=args.tiny)
+    from transformers import AutoConfig  # heavy import: the ids follow the fixture processor saved with the model
+
+    config = AutoConfig.from_pretrained(args.model_dir)
 
     def id_length_reward(prompts, completions, completion_ids=None, **kw):
         return [(len(ids) % 7) / 7.0 for ids in completion_ids]

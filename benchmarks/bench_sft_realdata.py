@@ -69,8 +69,9 @@ def datamodule(args, packing: bool):
     from vlm_lightning.data import VisionChatDataModule
 
     kw = {"packing": True, "max_tokens_per_batch": args.max_tokens} if packing else {}
+    # max_pixels: the fixture processor's own cap (224 px) would shrink every image; Qwen2.5-VL's is 12.8 Mpx
     return VisionChatDataModule(str(args.model_dir), train=str(args.data), batch_size=args.batch,
-                                num_workers=0 if args.tiny else 4, seed=0, format="vqa", **kw)
+                                num_workers=0 if args.tiny else 4, seed=0, format="vqa", max_pixels=12845056, **kw)
 
 
 def batch_stats(batch) -> tuple[int, int]:

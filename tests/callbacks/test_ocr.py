@@ -61,7 +61,7 @@ def test_fit_logs_ocr_metrics(tiny_vlm_dir, tmp_path, demo_paths, eval_for_gener
     trainer, ocr, ckpt, loggers = _fit(tiny_vlm_dir, tmp_path, demo_paths, eval_for_generation, max_rows)
     n_rows = 6 if max_rows is None else max_rows
 
-    for key in ("val/cer", "val/wer", "val/mer", "val/exact_match", "val/vqa_acc"):
+    for key in ("val/cer", "val/wer", "val/mer", "val/exact_match", "val/anls", "val/vqa_acc"):
         assert key in trainer.callback_metrics, key
     assert ckpt.best_model_path and ckpt.best_model_score is not None  # monitor="val/cer" found its value
     best = float(ckpt.best_model_score)
@@ -73,7 +73,7 @@ def test_fit_logs_ocr_metrics(tiny_vlm_dir, tmp_path, demo_paths, eval_for_gener
     # under the logger's folder, never the working directory
     assert ocr.last_predictions_file.parent == pathlib.Path(trainer.log_dir) / "predictions"
     assert ocr.last_predictions_file.resolve().is_relative_to(tmp_path.resolve())
-    assert {"row_index", "prediction", "reference", "cer", "answers", "vqa_acc"} <= set(lines[0])
+    assert {"row_index", "prediction", "reference", "cer", "anls", "answers", "vqa_acc"} <= set(lines[0])
     recomputed = score_predictions([r["prediction"] for r in lines], [r["reference"] for r in lines],
                                    [r["answers"] for r in lines])
     for key, value in recomputed.items():

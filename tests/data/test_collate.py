@@ -11,14 +11,14 @@ from PIL import Image
 
 from vlm_lightning.data import FormatOptions, OverlongRowError, RowFormatError, VisionChatCollator
 from vlm_lightning.data.formats import normalize_row
-from vlm_lightning.data.labels import render_chat, strip_image_refs
+from vlm_lightning.data.labels import fold_system_turn, render_chat, strip_image_refs
 from vlm_lightning.models.hf import IGNORE_INDEX
 from vlm_lightning.models.tiny import TINY_FAMILIES
 
 # End-of-turn marker each family's template closes an assistant turn with (trained as part of the answer).
 END_OF_TURN = {
-    "qwen2_vl": "<|im_end|>", "qwen2_5_vl": "<|im_end|>", "gemma3": "<end_of_turn>",
-    "llava_next": "</s>", "pixtral": "</s>", "mistral3": "</s>", "mistral3_small": "</s>",
+    "qwen2_vl": "<|im_end|>", "qwen2_5_vl": "<|im_end|>", "qwen3_vl": "<|im_end|>", "gemma3": "<end_of_turn>",
+    "llava_next": "</s>", "pixtral": "</s>", "mistral3": "</s>", "mistral3_small": "</s>", "mllama": "<|eot_id|>",
 }
 
 
@@ -178,13 +178,17 @@ def test_generation_batch_left_padded_prompt_only(family):
     assert [len(x) for x in batch["images"]] == [0, 1]
     assert "labels" not in batch
     mask = batch["attention_mask"]
-    assert (mask[:, -1] == 1).all() and mask[0, 0] == 0  # left padding; the short row is padded
+    short = int(mask.sum(1).argmin())  # the text-only row, or the image row where text rows get a system turn
+    assert (mask[:, -1] == 1).all() and mask[short, 0] == 0  # left padding; the short row is padded
     pad = VisionChatCollator(processor).pad_token_id
     assert (batch["input_ids"][mask == 0] == pad).all()
     # the prompt ends exactly where the assistant's answer would start
     for prompt, row in zip(batch["prompts"], rows):
         assert "Done." not in prompt and "hello there" not in prompt
-        full = render_chat(processor, strip_image_refs(row["messages"]), add_generation_prompt=False)
+        messages = strip_image_refs(row["messages"])
+        if name == "mllama" and any(p["type"] == "image" for m in messages for p in m["content"]):
+            messages = fold_system_turn(messages)  # its template refuses a system turn with images
+        full = render_chat(processor, messages, add_generation_prompt=False)
         assert full.startswith(prompt.rstrip()) or name in ("pixtral",)  # pixtral moves the system prompt
 
 
@@ -222,18 +226,18 @@ def test_overlong_cutting_an_image_raises_or_skips(family):
     _, processor, _ = family
     base = VisionChatCollator(processor)
     text_len = len(base.encode_row(_text_only()).input_ids)
-    enc = base.encode_row(_late_image_row(7, 20))
+    enc = base.encode_row(_late_image_row(7, 30))
     last_vision = int(torch.nonzero(torch.isin(enc.input_ids, base.vision_token_ids)).max())
     assert last_vision > text_len
     short = last_vision  # cuts inside (or right at the end of) the image span
     n = len(enc.input_ids)
     with pytest.raises(OverlongRowError, match=rf"row 7: {n} tokens exceed max_length={short}.*image span"):
-        VisionChatCollator(processor, max_length=short)([_late_image_row(7, 20)])
+        VisionChatCollator(processor, max_length=short)([_late_image_row(7, 30)])
     skipping = VisionChatCollator(processor, max_length=short, on_overlong="skip")
-    batch = skipping([_late_image_row(7, 20), _text_only()])
+    batch = skipping([_late_image_row(7, 30), _text_only()])
     assert skipping.num_skipped == 1 and skipping.skipped[0][0] == 7
     assert batch["input_ids"].shape[0] == 1 and "pixel_values" not in batch
-    assert skipping([_late_image_row(7, 20)]) is None and skipping.num_skipped == 2
+    assert skipping([_late_image_row(7, 30)]) is None and skipping.num_skipped == 2
 
 
 def test_overlong_text_tail_is_truncated_never_the_image(family):

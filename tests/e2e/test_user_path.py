@@ -132,7 +132,9 @@ def fitted(tiny_vlm_dir, e2e_data, tmp_path_factory):
     return get
 
 
-MATRIX = [(f, r) for f in TINY_FAMILIES for r in RECIPES[f]]
+# mllama: its LoRA recipe only (merge; it has no GGUF path), to keep the added runtime small; QLoRA loading and
+# merging of mllama are tested in tests/models/test_loading.py and tests/export/test_merge.py
+MATRIX = [(f, r) for f in TINY_FAMILIES for r in RECIPES[f] if f != "mllama" or r == "lora_sft"]
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -234,7 +236,14 @@ def test_merged_folder_is_what_the_adapter_computes(fitted, family, recipe):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-LLAMA_FAMILIES = [f for f in TINY_FAMILIES if f != "llava_next"]
+LLAMA_FAMILIES = [f for f in TINY_FAMILIES if f not in ("llava_next", "mllama")]  # mllama: refused, below
+
+
+def test_gguf_of_the_mllama_fit_is_refused_naming_llama_cpp(fitted, tmp_path, capsys):
+    merged_dir = fitted("mllama", "lora_sft").merged("ckpt")
+    assert main(["export", "gguf", "--checkpoint", str(merged_dir), "--out", str(tmp_path / "gguf")]) != 0
+    assert "llama.cpp has no mllama support" in capsys.readouterr().err
+    assert not (tmp_path / "gguf").exists() or not any((tmp_path / "gguf").iterdir())
 
 
 @pytest.mark.parametrize("family", LLAMA_FAMILIES)

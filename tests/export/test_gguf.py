@@ -15,11 +15,11 @@ from vlm_lightning.export.gguf import UnsupportedGGUFFamily, to_gguf
 from vlm_lightning.export.gguf.arch import permute_rope
 from vlm_lightning.export.gguf.writer import split_name
 
-GGUF_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "gemma3", "pixtral", "mistral3", "mistral3_small"]
+GGUF_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "gemma3", "pixtral", "mistral3", "mistral3_small", "qwen3_vl"]
 TEXT_ARCH = {"qwen2_vl": "qwen2vl", "qwen2_5_vl": "qwen2vl", "gemma3": "gemma3", "pixtral": "llama",
-             "mistral3": "mistral3", "mistral3_small": "mistral3"}
+             "mistral3": "mistral3", "mistral3_small": "mistral3", "qwen3_vl": "qwen3vl"}
 PROJECTOR = {"qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger", "gemma3": "gemma3", "pixtral": "pixtral",
-             "mistral3": "pixtral", "mistral3_small": "pixtral"}
+             "mistral3": "pixtral", "mistral3_small": "pixtral", "qwen3_vl": "qwen3vl_merger"}
 # max |dequant - source| / max |source| per quant type
 TOL = {"F32": 0.0, "F16": 1e-3, "BF16": 8e-3, "Q8_0": 1.5e-2}
 
@@ -204,8 +204,9 @@ def test_mmproj_metadata_and_tensors(exported, family):
 
     tensors = _tensors(r)
     n_blocks = f["clip.vision.block_count"]
+    qkv = ("attn_qkv",) if family == "qwen3_vl" else ("attn_q", "attn_k", "attn_v")  # clip.cpp splits Qwen3-VL's
     for i in range(n_blocks):
-        for part in ("attn_q", "attn_k", "attn_v", "attn_out", "ln1", "ln2", "ffn_up", "ffn_down"):
+        for part in (*qkv, "attn_out", "ln1", "ln2", "ffn_up", "ffn_down"):
             assert f"v.blk.{i}.{part}.weight" in tensors, (family, i, part)
     assert "v.patch_embd.weight" in tensors
     for name, (qtype, arr) in tensors.items():
@@ -235,15 +236,20 @@ def test_qwen_mmproj_splits_are_exact(exported, family):
     assert tensors["v.post_ln.weight"][0] == "F32"
 
 
-def test_llava_next_refused_clearly(tiny_vlm_dir, tmp_path):
-    try:
-        src = tiny_vlm_dir("llava_next")
-    except NotImplementedError:
-        src = tmp_path / "llava_next"
-        src.mkdir()
-        (src / "config.json").write_text(json.dumps({"model_type": "llava_next"}))
-    with pytest.raises(UnsupportedGGUFFamily, match="llava_next.*not supported.*Supported: qwen2_vl"):
+def test_llava_next_mmproj_refused_clearly(tiny_vlm_dir, tmp_path):
+    # the text GGUF and the opt-in mmproj: tests/export/test_gguf_llava_next.py
+    src = tiny_vlm_dir("llava_next")
+    with pytest.raises(UnsupportedGGUFFamily, match="mmproj of 'llava_next' is not exact: llama.cpp's libmtmd"):
         to_gguf(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_mllama_refused_naming_the_missing_llama_cpp_support(tiny_vlm_dir, tmp_path):
+    """Llama 3.2 Vision: llama.cpp has neither a text architecture for its cross-attention layers nor an mmproj type
+    for its tiled encoder, so no GGUF (not even text-only: the cross-attention weights would be dropped)."""
+    with pytest.raises(UnsupportedGGUFFamily, match=r"GGUF export of 'mllama' is not supported: llama\.cpp has no "
+                                                    r"mllama support \(no text architecture .*cross-attention"):
+        to_gguf(tiny_vlm_dir("mllama"), tmp_path / "out", mmproj=False)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 

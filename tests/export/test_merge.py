@@ -190,3 +190,33 @@ def test_qlora_on_gpu_merges_into_16bit_base(tiny_vlm_dir, tmp_path):
     merged = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, peft_16.eval()(**batch).logits, atol=1e-4, rtol=0)
+
+
+def test_mllama_cross_attention_lora_merges_exactly(tiny_vlm_dir, tmp_path):
+    """Llama 3.2 Vision with LoRA on the cross-attention q/k/v/o alone: the merged model's logits on an image prompt
+    equal the LoRA model's (fp32), and exactly those weights changed (the gates and everything else are the base's)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlm_lightning.models import apply_lora
+
+    base = _tiny(tiny_vlm_dir, "mllama")
+    processor = AutoProcessor.from_pretrained(base)
+    torch.manual_seed(0)
+    peft_model = apply_lora(AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32), r=4,
+                            finetune_language_layers=False, init_lora_weights=False, gradient_checkpointing=False,
+                            lora_dtype="float32").eval()
+    batch = _inputs(processor)
+    assert batch["pixel_values"].shape[:3] == (1, 1, 2)  # one image of 2 tiles
+    with torch.no_grad():
+        want = peft_model(**batch).logits
+        with peft_model.disable_adapter():
+            assert (want - peft_model.get_base_model()(**batch).logits).abs().max() > 1e-3
+    out = merge_lora(peft_model, tmp_path / "merged", dtype="float32")
+    merged = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, want, atol=1e-4, rtol=0)
+    stock = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32).state_dict()
+    changed = {k for k, v in merged.state_dict().items() if not torch.equal(v, stock[k])}
+    assert changed == {f"model.language_model.layers.{i}.cross_attn.{m}.weight"
+                       for i in merged.config.text_config.cross_attention_layers
+                       for m in ("q_proj", "k_proj", "v_proj", "o_proj")}

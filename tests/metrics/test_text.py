@@ -1,10 +1,10 @@
 """Text scoring (vlm_lightning.metrics.text): the normaliser's options, CER/WER/MER/exact match and VQA accuracy
-worked out by hand, casefolding (what the rewards compare), ``cer`` with an empty reference."""
+worked out by hand, casefolding (what the rewards compare), ``cer`` with an empty reference, ANLS (DocVQA) by hand."""
 from __future__ import annotations
 
 import pytest
 
-from vlm_lightning.metrics.text import TextNormalizer, cer, score_predictions, vqa_accuracy
+from vlm_lightning.metrics.text import TextNormalizer, anls, cer, levenshtein, score_predictions, vqa_accuracy
 
 
 def test_normalizer_options():
@@ -49,3 +49,33 @@ def test_cer_by_hand_and_empty_reference():
     assert cer("abd", "abc") == pytest.approx(1 / 3)  # one substitution in 3 reference characters
     assert cer("abcdefgh", "ab") == pytest.approx(3.0)  # 6 insertions / 2
     assert cer("", "") == 0.0 and cer("x", "") == 1.0  # CER is undefined there: exact match decides
+
+
+def test_levenshtein_by_hand():
+    assert levenshtein("kitten", "sitting") == 3  # k->s, e->i, +g
+    assert levenshtein("", "abc") == 3 and levenshtein("abc", "") == 3 and levenshtein("", "") == 0
+    assert levenshtein("flaw", "lawn") == 2  # -f, +n
+
+
+def test_anls_by_hand():
+    # DocVQA normalisation: lower case, whitespace runs collapsed, ends stripped -> identical: 1
+    assert anls("  Hello\n World ", ["hello world"]) == 1.0
+    # "invoice no 12" (13 chars) vs "invoice no. 12" (14): 1 insertion, NL = 1/14 -> 1 - 1/14 = 13/14
+    assert anls("Invoice No 12", ["invoice no. 12"]) == pytest.approx(13 / 14)
+    # "abcde" vs "abcxy": 2 substitutions / 5 = 0.4 < tau -> 0.6
+    assert anls("abcde", ["abcxy"]) == pytest.approx(0.6)
+    # "abcd" vs "abxy": NL = 2/4 = 0.5, not < tau = 0.5 -> 0 (the threshold is strict, as in Biten et al.)
+    assert anls("abcd", ["abxy"]) == 0.0
+    assert anls("abcd", ["abxy"], tau=0.6) == pytest.approx(0.5)
+    # best over the answers: "1999" vs "1998" 1/4 -> 0.75; vs "nineteen" NL = 8/8 -> 0
+    assert anls("1999", ["nineteen", "1998"]) == pytest.approx(0.75)
+    assert anls("", ["abc"]) == 0.0 and anls("", [""]) == 1.0  # NL(empty, empty) = 0
+    with pytest.raises(ValueError):
+        anls("a", [])
+
+
+def test_anls_mean_over_questions():
+    # row 1: no answers -> its reference; "Total: 5" vs "total:  5" equal after normalisation -> 1
+    # row 2: "ye" vs "yes" 1/3 -> 2/3, vs "no" 2/2 -> 0; best 2/3.  Mean (1 + 2/3) / 2 = 5/6
+    s = score_predictions(["Total: 5", "ye"], ["total:  5", "y"], answers=[None, ["yes", "no"]])
+    assert s["anls"] == pytest.approx(5 / 6)

@@ -11,7 +11,8 @@ import lightning as L
 import pytest
 import torch
 import torch.nn as nn
-from transformers import AutoModelForImageTextToText
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlm_lightning.models import apply_lora
 from vlm_lightning.models.levers import apply_speed_levers, freeze_vision_autograd, parse_checkpointing
@@ -96,6 +97,25 @@ def test_frozen_vision_no_grad_keeps_a_trainable_projector_training(data):
     assert applied["vision_no_grad"] is True
     merger = [n for n in out[1] if ".visual.merger." in n]
     assert merger and all(out[1][n].abs().sum() > 0 for n in merger)
+    _assert_same(ref, out)
+
+
+def test_frozen_vision_no_grad_keeps_qwen3_vl_deepstack_mergers_training(tiny_vlm_dir):
+    """Qwen3-VL's deepstack mergers sit inside the tower too, beside the merger: with the projector trained, the
+    lever stays on and both get the plain model's gradients."""
+    from vlm_lightning.data import VisionChatCollator
+    from vlm_lightning.data.formats import normalize_row
+
+    path = tiny_vlm_dir("qwen3_vl")
+    row = normalize_row({"image": Image.new("RGB", (112, 56), (200, 30, 30)), "text": "42"}, 0)
+    batch = VisionChatCollator(AutoProcessor.from_pretrained(path))([row])
+    ref = _step(_peft(path, {"finetune_projector": True})[0], batch)
+    model, applied = _peft(path, {"finetune_projector": True}, frozen_vision_no_grad=True)
+    out = _step(model, batch)
+    assert applied["vision_no_grad"] is True
+    for part in (".visual.merger.", ".visual.deepstack_merger_list.0."):
+        names = [n for n in out[1] if part in n]
+        assert names and all(out[1][n].abs().sum() > 0 for n in names), part
     _assert_same(ref, out)
 
 
@@ -313,12 +333,11 @@ def test_sft_module_with_all_levers_trains_like_the_default(data):
         torch.testing.assert_close(out[name], ref[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_next", "pixtral", "gemma3", "mistral3"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next", "pixtral", "gemma3",
+                                    "mistral3"])
 def test_every_lever_on_every_family_matches_the_plain_model(family, tiny_vlm_dir):
     """The levers and kernels on each family's vision tower (a transformers PreTrainedModel whose outputs,
     e.g. the hidden states the LLaVA-style projectors read, are recorded by class) give the plain logits."""
-    from PIL import Image
-
     from vlm_lightning.models.build import build_model
 
     path = tiny_vlm_dir(family)

@@ -67,6 +67,26 @@ def test_load_4bit_quantises_only_the_language_model(family, tiny_vlm_dir):
     assert processor is not None
 
 
+def test_mllama_4bit_keeps_vision_projector_and_gates_16bit(tiny_vlm_dir):
+    """QLoRA on Llama 3.2 Vision: the cross-attention q/k/v/o are 4-bit like the rest of the language model; the
+    vision model, the projector and the cross-attention gates (plain parameters, never bnb's business) stay bf16."""
+    bnb = pytest.importorskip("bitsandbytes")
+    model, _ = load_vlm(_tiny(tiny_vlm_dir, "mllama"), quantization="4bit", dtype="bfloat16")
+    skipped = ["model.vision_model", "model.multi_modal_projector"]
+    assert quantization_skip_modules(get_family_spec(model))[:2] == skipped
+    assert model.config.quantization_config.llm_int8_skip_modules[:2] == skipped
+    layers = model.model.language_model.layers
+    for i in model.config.text_config.cross_attention_layers:
+        for m in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            assert isinstance(getattr(layers[i].cross_attn, m), bnb.nn.Linear4bit)
+        for gate in (layers[i].cross_attn_attn_gate, layers[i].cross_attn_mlp_gate):
+            assert gate.dtype == torch.bfloat16 and gate.numel() == 1 and float(gate) != 0.0
+    vision = {p.dtype for p in model.model.vision_model.parameters()} | {
+        p.dtype for p in model.model.multi_modal_projector.parameters()}
+    assert vision == {torch.bfloat16}
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.model.vision_model.modules())
+
+
 def test_load_16bit_and_dtype(tiny_vlm_dir):
     path = _tiny(tiny_vlm_dir, "qwen2_vl")
     model, processor = load_vlm(path, dtype="float32")

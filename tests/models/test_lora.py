@@ -18,6 +18,9 @@ from vlm_lightning.models.tiny import TINY_FAMILIES
 LANG = r"model\.language_model\.layers\.\d+\."
 LANG_ATTN = LANG + r"self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 LANG_MLP = LANG + r"mlp\.(gate_proj|up_proj|down_proj)"
+# Llama 3.2 Vision's cross-attention layers: LoRA'd by finetune_cross_attention (default on), whatever else is set
+LANG_CROSS = LANG + r"cross_attn\.(q_proj|k_proj|v_proj|o_proj)"
+_MLLAMA_VISION = r"model\.vision_model\.(transformer|global_transformer)\.layers\.\d+\."
 _CLIP_LIKE = (r"model\.vision_tower\.(vision_model\.)?encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)",
               r"model\.vision_tower\.(vision_model\.)?encoder\.layers\.\d+\.mlp\.(fc1|fc2)")
 _PIXTRAL = (r"model\.vision_tower\.transformer\.layers\.\d+\.attention\.(q_proj|k_proj|v_proj|o_proj)",
@@ -28,11 +31,17 @@ VISION = {
                  "model.visual.merger"),
     "qwen2_5_vl": (r"model\.visual\.blocks\.\d+\.attn\.(qkv|proj)",
                    r"model\.visual\.blocks\.\d+\.mlp\.(gate_proj|up_proj|down_proj)", "model.visual.merger"),
+    # the deepstack mergers are projectors: never vision LoRA, trained in full with the projector switch
+    "qwen3_vl": (r"model\.visual\.blocks\.\d+\.attn\.(qkv|proj)",
+                 r"model\.visual\.blocks\.\d+\.mlp\.(linear_fc1|linear_fc2)",
+                 ("model.visual.merger", "model.visual.deepstack_merger_list.0")),
     "llava_next": (*_CLIP_LIKE, "model.multi_modal_projector"),
     "gemma3": (*_CLIP_LIKE, "model.multi_modal_projector"),
     "pixtral": (*_PIXTRAL, "model.multi_modal_projector"),
     "mistral3": (*_PIXTRAL, "model.multi_modal_projector"),
     "mistral3_small": (*_PIXTRAL, "model.multi_modal_projector"),
+    "mllama": (_MLLAMA_VISION + r"self_attn\.(q_proj|k_proj|v_proj|o_proj)", _MLLAMA_VISION + r"mlp\.(fc1|fc2)",
+               "model.multi_modal_projector"),
 }
 SWITCHES = {  # name -> (apply_lora kwargs, [module regexes that get LoRA], projector trained in full)
     "default": ({}, ["lang_attn", "lang_mlp"], False),
@@ -58,14 +67,14 @@ def _model(tiny_vlm_dir, family, dtype=torch.float32):
 def _expected(model, family, parts, projector_trained):
     vis_attn, vis_mlp, projector = VISION[family]
     regex = {"lang_attn": LANG_ATTN, "lang_mlp": LANG_MLP, "vis_attn": vis_attn, "vis_mlp": vis_mlp}
-    wanted = re.compile("(" + "|".join(regex[p] for p in parts) + ")")
+    wanted = re.compile("(" + "|".join([regex[p] for p in parts] + [LANG_CROSS]) + ")")
     expected = set()
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and wanted.fullmatch(name):
             expected |= {f"base_model.model.{name}.lora_{ab}.default.weight" for ab in "AB"}
-    if projector_trained:
-        proj = model.get_submodule(projector)
-        expected |= {f"base_model.model.{projector}.modules_to_save.default.{n}" for n, _ in proj.named_parameters()}
+    for path in ((projector,) if isinstance(projector, str) else projector) if projector_trained else ():
+        proj = model.get_submodule(path)
+        expected |= {f"base_model.model.{path}.modules_to_save.default.{n}" for n, _ in proj.named_parameters()}
     return expected
 
 
@@ -149,3 +158,35 @@ def test_gradient_checkpointing_keeps_every_lora_gradient(tiny_vlm_dir, tmp_path
     assert {n for n in reference if "lora_" in n} == {n for n in reference}  # nothing else trains
     for reentrant in (False, True):
         assert _grad_names(tiny_vlm_dir, batch, True, reentrant) == reference, reentrant
+
+
+@pytest.mark.parametrize("cross", [True, False])
+def test_mllama_cross_attention_switch(cross, tiny_vlm_dir):
+    """finetune_cross_attention puts LoRA on the cross-attention layers' q/k/v/o (the text's only path to the image);
+    off, they stay frozen while the self-attention layers (and every MLP) still get LoRA."""
+    model = _model(tiny_vlm_dir, "mllama")
+    cross_layers = model.config.text_config.cross_attention_layers
+    peft_model = apply_lora(model, r=4, gradient_checkpointing=False, finetune_cross_attention=cross)
+    lora = {n.split(".lora_")[0].removeprefix("base_model.model.") for n, p in peft_model.named_parameters()
+            if p.requires_grad}
+    cross_qkvo = {f"model.language_model.layers.{i}.cross_attn.{m}" for i in cross_layers
+                  for m in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    n_layers = model.config.text_config.num_hidden_layers
+    self_qkvo = {f"model.language_model.layers.{i}.self_attn.{m}" for i in range(n_layers)
+                 if i not in cross_layers for m in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    assert self_qkvo and self_qkvo <= lora
+    assert (cross_qkvo <= lora) if cross else not (cross_qkvo & lora)
+    assert {f"model.language_model.layers.{i}.mlp.down_proj" for i in cross_layers} <= lora  # its MLP is language
+    # the gates are parameters, not Linear: never LoRA, frozen
+    gates = [p for n, p in peft_model.named_parameters() if n.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate"))]
+    assert len(gates) == 2 * len(cross_layers) and not any(p.requires_grad for p in gates)
+
+
+def test_mllama_cross_attention_alone(tiny_vlm_dir):
+    """Language layers off, cross-attention on: only the cross-attention q/k/v/o train (Llama 3.2 Vision's recipe)."""
+    peft_model = apply_lora(_model(tiny_vlm_dir, "mllama"), r=4, gradient_checkpointing=False,
+                            finetune_language_layers=False)
+    lora = {n.split(".lora_")[0] for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert lora and all(".cross_attn." in n for n in lora)
+    with pytest.raises(ValueError, match="both False"):
+        apply_lora(_model(tiny_vlm_dir, "mllama"), finetune_language_layers=False, finetune_cross_attention=False)

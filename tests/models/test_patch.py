@@ -13,9 +13,10 @@ from PIL import Image
 from vlm_lightning.kernels._utils import triton_ok
 from vlm_lightning.losses.sft import token_loss
 from vlm_lightning.models.hf import final_logit_softcap, lm_head_weight
-from vlm_lightning.models.patch import apply_kernels
+from vlm_lightning.models.patch import apply_kernels, patched_tags
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava_next", "pixtral", "gemma3", "mistral3", "mistral3_small"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava_next", "pixtral", "gemma3", "mistral3", "mistral3_small", "qwen3_vl",
+            "mllama"]
 pytestmark = [
     pytest.mark.skipif(not triton_ok(torch.zeros(1)), reason="needs TRITON_INTERPRET=1 (or a GPU)"),
     pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
@@ -112,7 +113,7 @@ def test_patched_family_matches_unpatched(family, tiny_dir):
         torch.testing.assert_close(model.eval()(**no_labels).logits, ref_logits, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3", "mistral3"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3", "mistral3", "qwen3_vl", "mllama"])
 def test_generation_with_kv_cache_same_tokens(family, tiny_dir):
     model, processor = _load(tiny_dir(family))
     batch = _batch(processor, with_labels=False)
@@ -154,3 +155,36 @@ def test_peft_model_with_checkpointing_and_fused_token_loss(tiny_dir):
     n_items = int((batch["labels"][:, 1:] != -100).sum()) * 2  # as if a second micro-batch followed
     half = token_loss(hidden, batch["labels"], head, softcap=cap, normalizer=n_items, fused=True)
     torch.testing.assert_close(half, ref_loss / 2, rtol=1e-4, atol=1e-4)
+
+
+def test_qwen3_vl_interleaved_mrope_qk_norms_and_deepstack_are_patched(tiny_dir):
+    """Qwen3-VL's rotary embedding interleaves the (t, h, w) sections into cos/sin before
+    ``apply_rotary_pos_emb``, so the rotate-half RoPE kernel applies unchanged (the logits test above holds it
+    to HF's); its q_norm/k_norm are Llama-style RMSNorms over head_dim, and the deepstack mergers' LayerNorms
+    run the LayerNorm kernel."""
+    model, _ = _load(tiny_dir("qwen3_vl"))
+    text, vision = model.config.text_config, model.config.vision_config
+    counts = apply_kernels(model)
+    layers = text.num_hidden_layers
+    assert counts["rope"] == counts["mlp"] == layers
+    assert counts["rms_norm"] == 4 * layers + 1  # input, post-attention, q_norm, k_norm; final norm
+    assert counts["layer_norm"] == 2 * vision.depth + 1 + len(vision.deepstack_visual_indexes)
+    attn = model.model.language_model.layers[0].self_attn
+    assert "rms_norm" in patched_tags(attn.q_norm) and "rope" in patched_tags(attn)
+
+
+def test_mllama_what_is_patched(tiny_dir):
+    """Llama 3.2 Vision: the self-attention layers get the RoPE kernel (the cross-attention has no RoPE, so its
+    module is left alone), every decoder layer's SwiGLU MLP and Llama RMSNorm (the cross-attention's q_norm/k_norm
+    too) the fused ones, the vision encoders' LayerNorms the LayerNorm kernel; the gates are untouched parameters."""
+    model, _ = _load(tiny_dir("mllama"))
+    text, vision = model.config.text_config, model.config.vision_config
+    counts = apply_kernels(model)
+    n_cross = len(text.cross_attention_layers)
+    n_self = text.num_hidden_layers - n_cross
+    assert counts["rope"] == n_self and counts["mlp"] == text.num_hidden_layers
+    assert counts["rms_norm"] == 2 * text.num_hidden_layers + 2 * n_cross + 1  # + q/k norms of cross_attn, final
+    assert counts["layer_norm"] == 2 * (vision.num_hidden_layers + vision.num_global_layers) + 2  # + pre/post
+    layers = model.model.language_model.layers
+    cross = layers[text.cross_attention_layers[0]]
+    assert "rope" not in patched_tags(cross.cross_attn) and "rms_norm" in patched_tags(cross.cross_attn.q_norm)

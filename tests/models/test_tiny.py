@@ -42,7 +42,15 @@ MARKERS = {
     ),
 }
 MARKERS["qwen2_5_vl"] = MARKERS["qwen2_vl"]
+MARKERS["qwen3_vl"] = MARKERS["qwen2_vl"]  # same ChatML markers; no default system turn (test below)
 MARKERS["mistral3_small"] = MARKERS["mistral3"]
+MARKERS["mllama"] = dict(
+    # the real Llama 3.2 Vision template refuses a system turn with images (test below) and writes none then
+    system="<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>What does it say?<|eot_id|>",
+    user="<|start_header_id|>user<|end_header_id|>\n\n",
+    assistant="<|start_header_id|>assistant<|end_header_id|>\n\nIt says 42.<|eot_id|>", image="<|image|>",
+    gen_prompt="<|start_header_id|>assistant<|end_header_id|>\n\n", end_of_turn="<|eot_id|>",
+)
 
 # Per family: the keys, besides input_ids/attention_mask, that the real processor returns for an image batch
 # and the forward consumes.
@@ -50,6 +58,7 @@ _QWEN_OUT, _SIZES_OUT = ("pixel_values", "image_grid_thw", "mm_token_type_ids"),
 PROCESSOR_OUTPUTS = {
     "qwen2_vl": _QWEN_OUT, "qwen2_5_vl": _QWEN_OUT, "llava_next": _SIZES_OUT, "pixtral": _SIZES_OUT,
     "gemma3": ("pixel_values", "token_type_ids"), "mistral3": _SIZES_OUT, "mistral3_small": _SIZES_OUT,
+    "qwen3_vl": _QWEN_OUT, "mllama": ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"),
 }
 
 CONVERSATION = [
@@ -81,7 +90,10 @@ def test_tiny_vlm_loads_with_consistent_ids(family, tiny_vlm_dir):
     spec = get_family_spec(family)
     assert getattr(model.config, "image_token_id", None) == families.image_token_id(processor)
     assert all(tok.convert_tokens_to_ids(t) != tok.unk_token_id for t in spec.image_special_tokens)
-    assert model.config.text_config.vocab_size >= len(tok)
+    if family == "mllama":  # as the real one: <|image|> is the id past the last output (vocab_size 128256)
+        assert model.config.text_config.vocab_size == len(tok) - 1 == families.image_token_id(processor)
+    else:
+        assert model.config.text_config.vocab_size >= len(tok)
     generation = json.loads((path / "generation_config.json").read_text())
     eos = generation["eos_token_id"]
     assert tok.eos_token_id in (eos if isinstance(eos, list) else [eos])
@@ -99,7 +111,14 @@ def test_tiny_vlm_loads_with_consistent_ids(family, tiny_vlm_dir):
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_chat_template_has_real_structure(family, tiny_vlm_dir):
     processor = AutoProcessor.from_pretrained(tiny_vlm_dir(family))
-    text = processor.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=False)
+    conversation = CONVERSATION
+    if family == "mllama":
+        with pytest.raises(Exception, match="Prompting with images is incompatible with system messages"):
+            processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        conversation = CONVERSATION[1:]
+        text = processor.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+        assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge")
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     m = MARKERS[family]
     for key in ("system", "user", "assistant", "image"):
         assert m[key] in text, (key, text)
@@ -135,6 +154,8 @@ def test_forward_loss_and_image_token_count(family, tiny_vlm_dir):
     for key in PROCESSOR_OUTPUTS[family]:
         assert key in batch, (key, list(batch))
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    # vision tokens are never targets (Llama 3.2 Vision's <|image|> id is even past the lm_head's outputs)
+    labels = labels.masked_fill(torch.isin(batch["input_ids"], families.vision_token_ids(processor)), -100)
     model.train()
     out = model(**batch, labels=labels)
     assert torch.isfinite(out.loss) and out.loss > 0
@@ -176,3 +197,24 @@ def test_make_tiny_vlm_is_deterministic_and_takes_overrides(tmp_path):
     with pytest.raises(ValueError, match="unknown family"):
         make_tiny_vlm("llama", tmp_path / "d")
 
+
+
+def test_qwen3_vl_has_its_own_layout(tiny_vlm_dir):
+    """Qwen3-VL: no default system turn, interleaved M-RoPE, q/k norms, deepstack mergers that train from the
+    text loss (their features are added to the first decoder layers)."""
+    path = tiny_vlm_dir("qwen3_vl")
+    processor = AutoProcessor.from_pretrained(path)
+    text = processor.apply_chat_template(CONVERSATION[1:2], add_generation_prompt=True, tokenize=False)
+    assert text.startswith("<|im_start|>user\n<|vision_start|>") and "system" not in text
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    rope = model.config.text_config.rope_parameters
+    assert rope["mrope_interleaved"] and sum(rope["mrope_section"]) == model.config.text_config.head_dim // 2
+    attn = model.get_submodule(get_family_spec("qwen3_vl").decoder_layers)[0].self_attn
+    assert {"q_norm", "k_norm"} <= {n for n, _ in attn.named_children()}
+    mergers = model.get_submodule("model.visual.deepstack_merger_list")
+    assert len(mergers) == len(model.config.vision_config.deepstack_visual_indexes) == 1
+    batch = processor(text=[text + "42<|im_end|>"], images=[_image(112, 56, 0)], return_tensors="pt")
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 8]]  # 56 px -> 64 px: patch 16, 8 tokens after the merge
+    model.train()
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mergers.parameters())

@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader
 
 from vlm_lightning.data import VisionChatDataModule
 from vlm_lightning.demo.data import make_demo_ocr_dataset
+from vlm_lightning.models.hf import model_inputs
 from vlm_lightning.modules import VisionSFTModule
-from vlm_lightning.modules.sft import model_inputs
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 STRATEGY_RECIPES = [p for p in RECIPES if p.parent.name == "strategies"]
 MODEL_RECIPES = [p for p in RECIPES if p not in STRATEGY_RECIPES]
-FAMILIES = {"qwen2_vl", "qwen2_5_vl", "llava_next", "pixtral", "gemma3", "mistral3", "mistral3_small"}
+FAMILIES = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next", "pixtral", "gemma3", "mistral3", "mistral3_small",
+            "mllama"}
 
 
 def _id(path: Path) -> str:
@@ -54,7 +55,8 @@ def test_the_recipes_cover_every_family_and_strategy():
     assert FAMILIES <= {p.parent.name for p in sft}
     assert {p.stem for p in STRATEGY_RECIPES} >= {"ddp", "fsdp", "fsdp_qlora", "deepspeed_zero2", "deepspeed_zero3"}
     assert {_id(p) for p in MODEL_RECIPES} >= {"demo/ocr_cpu.yaml", "demo/grpo_cpu.yaml", "qwen2_vl/grpo.yaml",
-                                               "qwen2_vl/gspo.yaml", "qwen2_5_vl/grpo.yaml", "qwen2_5_vl/gspo.yaml"}
+                                               "qwen2_vl/gspo.yaml", "qwen2_5_vl/grpo.yaml", "qwen2_5_vl/gspo.yaml",
+                                               "qwen3_vl/grpo.yaml"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=_id)

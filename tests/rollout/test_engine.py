@@ -12,7 +12,7 @@ from tests.rollout.prompts import hf_greedy, load_tiny, pad_id
 from vlm_lightning.rollout.engine import fast_generate
 from vlm_lightning.rollout.masks import completion_masks
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "gemma3", "llava_next", "mistral3_small"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "gemma3", "llava_next", "mistral3_small", "qwen3_vl"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -40,6 +40,9 @@ class GGUFExport(Callback):
         merged_dir: an existing merged folder to convert instead of merging.
         dtype: dtype of the merge this callback makes itself.
         mmproj_quant: f16 (default) or f32 for the vision tower + projector.
+        mmproj: write the mmproj (False: the text model only).
+        approximate_mmproj: LLaVA-NeXT only: write its mmproj although llama.cpp's image token layout differs
+            from the model's (``export.gguf.llava_next``); without it LLaVA-NeXT needs ``mmproj=False``.
         at_fit_end: export when `fit` ends (`export(trainer, pl_module)` exports on demand).
         push_to_hub: Hub repo id for the GGUF files (token from `HF_TOKEN`); private: make it private.
 
@@ -56,6 +59,8 @@ class GGUFExport(Callback):
         merged_dir: str | None = None,
         dtype: str = "bfloat16",
         mmproj_quant: str = "f16",
+        mmproj: bool = True,
+        approximate_mmproj: bool = False,
         at_fit_end: bool = True,
         push_to_hub: str | None = None,
         private: bool = True,
@@ -68,6 +73,7 @@ class GGUFExport(Callback):
         self.merged_dir = Path(merged_dir) if merged_dir else None
         self.dtype, self.mmproj_quant, self.at_fit_end = dtype, mmproj_quant, at_fit_end
         self.push_to_hub, self.private = push_to_hub, private
+        self.mmproj, self.approximate_mmproj = mmproj, approximate_mmproj
         self.written: dict[str, dict[str, Path]] = {}
 
     def on_fit_end(self, trainer, pl_module) -> None:
@@ -96,7 +102,8 @@ class GGUFExport(Callback):
                                     processor=getattr(pl_module, "processor", None),
                                     base_name_or_path=base_model_path(pl_module))
             for i, q in enumerate(self.quants):
-                self.written[q] = to_gguf(folder, self.out_dir, quant=q, name=self.name, mmproj=i == 0,
+                self.written[q] = to_gguf(folder, self.out_dir, quant=q, name=self.name, mmproj=self.mmproj and i == 0,
+                                          approximate_mmproj=self.approximate_mmproj,
                                           mmproj_quant=self.mmproj_quant)
             if self.push_to_hub:
                 push_folder(self.out_dir, self.push_to_hub, private=self.private, allow_patterns=["*.gguf"],

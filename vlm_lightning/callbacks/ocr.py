@@ -1,7 +1,7 @@
 """`OCRMetrics`: generate answers for the validation (and test) rows and score them like an OCR / VQA
-benchmark: CER, WER, MER (torchmetrics), exact match and VQA accuracy, logged as `val/cer`, `val/wer`,
-`val/mer`, `val/exact_match`, `val/vqa_acc` so `ModelCheckpoint(monitor="val/cer", mode="min")` and
-`EarlyStopping` can use them.
+benchmark: CER, WER, MER (torchmetrics), exact match, ANLS (DocVQA) and VQA accuracy, logged as `val/cer`,
+`val/wer`, `val/mer`, `val/exact_match`, `val/anls`, `val/vqa_acc` so
+`ModelCheckpoint(monitor="val/cer", mode="min")` and `EarlyStopping` can use them.
 
 Where the prompts come from, first match wins:
 1. validation batches that are already prompt-only (`VisionChatDataModule(eval_for_generation=True)`):
@@ -26,7 +26,7 @@ from torchmetrics.text import CharErrorRate, MatchErrorRate, WordErrorRate
 from ..data import VisionChatCollator
 from ..distributed.checks import shards_parameters
 from ..distributed.gather import all_gather_objects, run_unsharded
-from ..metrics.text import TextNormalizer, cer, vqa_accuracy
+from ..metrics.text import TextNormalizer, anls, cer, vqa_accuracy
 from .ocr_outputs import log_sample_grid, write_predictions
 
 __all__ = ["OCRMetrics"]
@@ -40,6 +40,7 @@ class _StageScores:
         self.wer = WordErrorRate().to(device)
         self.mer = MatchErrorRate().to(device)
         self.exact = MeanMetric().to(device)
+        self.anls = MeanMetric().to(device)
         self.vqa = MeanMetric().to(device)
         self.n_vqa = 0
         self.rows: list[dict] = []  # this rank's predictions (gathered to rank zero for the jsonl)
@@ -65,8 +66,9 @@ class OCRMetrics(Callback):
         do_sample: False = greedy decoding (the default for scoring).
         generate_kwargs: extra `generate` arguments (num_beams, repetition_penalty, ...).
         strip, lowercase, collapse_whitespace, nfkc, remove_punctuation: `TextNormalizer` settings.
-        answers_column: row column holding several reference answers (VQA accuracy); rows without it count
-            only in the other metrics.
+        answers_column: row column holding several reference answers (VQA accuracy; ANLS takes the best of
+            them); rows without it count only in the other metrics, and ANLS scores them against the reference.
+            ANLS always uses DocVQA's own normalisation (lower case, whitespace collapsed) on the raw text.
         predictions_dir: folder for `<stage>_epoch<E>_step<S>.jsonl` (default `<log_dir>/predictions`).
         log_images: number of (image, prediction, reference) tiles logged to TensorBoard per epoch (0: none).
         on_sanity_check: also score during Lightning's sanity check (off: that pass is only a smoke test).
@@ -173,7 +175,8 @@ class OCRMetrics(Callback):
         answers = self._answers_for(trainer, stage, idx)
         for k in range(n):
             row = {"row_index": idx[k], "prediction": preds[k], "reference": refs[k],
-                   "cer": cer(p[k], r[k])}
+                   "cer": cer(p[k], r[k]), "anls": anls(preds[k], answers[k] or [refs[k]])}
+            s.anls.update(torch.tensor(row["anls"], device=s.anls.device))
             if answers[k]:
                 acc = vqa_accuracy(p[k], [self.normalizer(a) for a in answers[k]])
                 s.vqa.update(torch.tensor(acc, device=s.vqa.device))
@@ -244,7 +247,7 @@ class OCRMetrics(Callback):
         if int(trainer.strategy.reduce(seen, reduce_op="sum")) == 0:
             raise ValueError(f"OCRMetrics: no {stage} rows were scored")
         scores = {"cer": s.cer.compute(), "wer": s.wer.compute(), "mer": s.mer.compute(),
-                  "exact_match": s.exact.compute()}
+                  "exact_match": s.exact.compute(), "anls": s.anls.compute()}
         n_vqa = int(trainer.strategy.reduce(torch.tensor(float(s.n_vqa), device=pl_module.device), reduce_op="sum"))
         if n_vqa:
             scores["vqa_acc"] = s.vqa.compute()

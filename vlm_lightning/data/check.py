@@ -51,6 +51,7 @@ class SplitCheck:
     timeouts: int = 0  # bad rows whose image URL timed out
     tokens: list[int] = field(default_factory=list, repr=False)
     supervised: list[int] = field(default_factory=list, repr=False)
+    lengths: dict[int, int] = field(default_factory=dict, repr=False)  # row index -> tokens as collated (packing)
     errors: list[tuple[int, str]] = field(default_factory=list)  # (row index, reason without "row N: ")
     empty_answers: list[int] = field(default_factory=list)  # row indices with an empty assistant answer
     bad_lines: list[tuple[int, str]] = field(default_factory=list)  # (file line, reason): malformed JSONL, no row
@@ -137,6 +138,7 @@ def check_splits(datasets: Mapping[str, ConversationDataset], collator: VisionCh
                 continue
             sc.images += count_images(row["messages"])
             sc.tokens.append(enc.full_length)
+            sc.lengths[source_index] = len(enc.input_ids)
             sc.supervised.append(enc.num_supervised)
             sc.truncated += int(enc.truncated)
             if enc.expected_image_tokens is not None and enc.expected_image_tokens != enc.num_image_tokens:

@@ -23,11 +23,12 @@ from PIL import Image
 
 from vlm_lightning.models import families
 from vlm_lightning.models.hf import IGNORE_INDEX
+from vlm_lightning.models.packing import SEQ_LENS, packed_position_ids
 
 from .fetch import MAX_IMAGE_BYTES, FetchBudget
 from .formats import RowFormatError
 from .images import ImageFetchTimeout, ImageLoadError, load_image
-from .labels import assistant_token_labels, render_chat, strip_image_refs, text_of
+from .labels import assistant_token_labels, fold_system_turn, render_chat, strip_image_refs, text_of
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,8 @@ class VisionChatCollator:
     vision inputs (``pixel_values`` + ``image_grid_thw`` | ``image_sizes``, ``mm_token_type_ids`` for
     Qwen-VL, ``token_type_ids`` for Gemma 3). ``for_generation=True`` returns left-padded prompts (up to
     the generation prompt of the last assistant turn) plus ``references`` (that turn's text),
-    ``row_index``, ``images`` and ``prompts``.
+    ``row_index``, ``images`` and ``prompts``. ``packing=True`` (training only) returns the rows back to back
+    as one sequence instead (``pack``): no padding, ``seq_lens`` and ``position_ids`` restarting per row.
 
     Rows longer than ``max_length`` lose their text tail; a row whose cut would touch an image (or, in
     training, remove every answer token) raises ``OverlongRowError``, or is dropped and counted in
@@ -103,7 +105,13 @@ class VisionChatCollator:
         image_timeout_s: float = 10.0,
         image_fetch_budget_s: float = 120.0,
         max_image_bytes: int | None = MAX_IMAGE_BYTES,
+        packing: bool = False,
     ):
+        if packing and families.uses_cross_attention(processor):
+            raise ValueError("packing=True is not supported for Llama 3.2 Vision (mllama): its images reach the text "
+                             "through a per-row cross_attention_mask, which a packed sequence cannot carry")
+        if packing and for_generation:
+            raise ValueError("packing=True packs teacher-forced rows; prompt-only (for_generation) batches are padded")
         if on_overlong not in ("raise", "skip"):
             raise ValueError(f"on_overlong={on_overlong!r}: expected 'raise' or 'skip'")
         if on_bad_example not in ("raise", "skip"):
@@ -115,6 +123,7 @@ class VisionChatCollator:
         self.max_length = max_length
         self.train_on_responses_only = train_on_responses_only
         self.for_generation = for_generation
+        self.packing = packing
         self.on_overlong = on_overlong
         self.on_bad_example = on_bad_example
         self.min_pixels = min_pixels
@@ -130,6 +139,7 @@ class VisionChatCollator:
         self.image_token_id = families.image_token_id(processor)
         self.vision_token_ids = families.vision_token_ids(processor)
         self.needs_mm_token_type_ids = families.needs_mm_token_type_ids(processor)
+        self.cross_attention = families.uses_cross_attention(processor)
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
@@ -152,7 +162,7 @@ class VisionChatCollator:
                 self._skip(row, e)
         if not encoded:
             return None
-        return self.pad_and_stack(encoded)
+        return self.pack(encoded) if self.packing else self.pad_and_stack(encoded)
 
     def _skip(self, row: Mapping[str, Any], err: Exception) -> None:
         self.num_skipped += 1
@@ -175,14 +185,31 @@ class VisionChatCollator:
             batch[k] = _pad(vals, length, 0, left)
         if not self.for_generation:
             batch["labels"] = _pad([e.labels for e in encoded], length, IGNORE_INDEX, left)
-        vision_keys = [k for k in dict.fromkeys(k for e in encoded for k in e.vision)]
-        for k in vision_keys:
-            batch[k] = _cat_padded([e.vision[k] for e in encoded if k in e.vision])
+        batch.update(_row_vision_inputs(encoded, length, left) if self.cross_attention else _vision_inputs(encoded))
         if self.for_generation:
             batch["references"] = [e.reference for e in encoded]
             batch["row_index"] = [e.index for e in encoded]
             batch["images"] = [e.images for e in encoded]
             batch["prompts"] = [e.prompt for e in encoded]
+        return batch
+
+    def pack(self, encoded: Sequence[EncodedRow]) -> dict[str, Any]:
+        """The rows back to back as one sequence, no padding (``packing=True``; ``models/packing.py`` turns it into
+        the family's forward kwargs): ``input_ids``, ``labels`` and token extras (1, T), ``position_ids`` (1, T)
+        restarting at 0 per row, ``seq_lens`` (R,), and the vision inputs exactly as ``pad_and_stack`` gives them.
+        No ``attention_mask``: the row boundaries are ``seq_lens``. Each row's first label is -100, as position 0
+        of a padded row is never a target, so the last token of a row never learns the next row's first."""
+        lens = torch.tensor([len(e.input_ids) for e in encoded])  # (R,)
+        labels = [torch.cat([e.labels.new_full((1,), IGNORE_INDEX), e.labels[1:]]) for e in encoded]
+        batch: dict[str, Any] = {
+            "input_ids": torch.cat([e.input_ids for e in encoded])[None],  # (1, T)
+            "labels": torch.cat(labels)[None],  # (1, T)
+            "position_ids": packed_position_ids(lens),  # (1, T)
+            SEQ_LENS: lens,
+        }
+        for k in sorted({k for e in encoded for k in e.token_extras}):
+            batch[k] = torch.cat([e.token_extras.get(k, torch.zeros_like(e.input_ids)) for e in encoded])[None]
+        batch.update(_vision_inputs(encoded))
         return batch
 
     # -------------------------------------------------------------------------------------------- row
@@ -206,6 +233,8 @@ class VisionChatCollator:
             for m in messages for p in m["content"] if p["type"] == "image"
         ]
         template_messages = strip_image_refs(messages)
+        if self.cross_attention and images:
+            template_messages = fold_system_turn(template_messages)
         text = render_chat(self.processor, template_messages, add_generation_prompt=self.for_generation)
         add_special = not _starts_with_bos(text, self.tokenizer)
         proc_kwargs = dict(text=[text], return_tensors="pt", add_special_tokens=add_special)
@@ -234,6 +263,8 @@ class VisionChatCollator:
         truncated = False
         if self.max_length is not None and full_length > self.max_length:
             input_ids, labels, token_extras = self._truncate(input_ids, labels, token_extras, index, full_length)
+            vision = {k: v[:, : self.max_length] if k in families.TOKEN_LEVEL_VISION_KEYS else v
+                      for k, v in vision.items()}
             truncated = True
         enc = EncodedRow(
             index=index, input_ids=input_ids, labels=labels, token_extras=token_extras, vision=vision,
@@ -282,6 +313,35 @@ def _pad(seqs: Sequence[torch.Tensor], length: int, value: int, left: bool) -> t
             out[i, length - len(s):] = s
         else:
             out[i, : len(s)] = s
+    return out
+
+
+def _vision_inputs(encoded: Sequence[EncodedRow]) -> dict[str, torch.Tensor]:
+    """Every row's vision inputs, concatenated in row order (pixel_values, image_grid_thw, image_sizes, ...)."""
+    keys = dict.fromkeys(k for e in encoded for k in e.vision)
+    return {k: _cat_padded([e.vision[k] for e in encoded if k in e.vision]) for k in keys}
+
+
+def _row_vision_inputs(encoded: Sequence[EncodedRow], length: int, left: bool) -> dict[str, torch.Tensor]:
+    """Vision inputs of a cross-attention family (Llama 3.2 Vision): one entry per row (dim 0), rows without an
+    image get zeros (aspect ratio id 0 = no image, an all-zero cross-attention mask), ``cross_attention_mask``
+    (B, T, images, tiles) padded along the tokens like ``input_ids``. None when no row has an image."""
+    keys = list(dict.fromkeys(k for e in encoded for k in e.vision))
+    out = {}
+    for k in keys:
+        like = next(e.vision[k] for e in encoded if k in e.vision)  # (1, ...)
+        token_level = k in families.TOKEN_LEVEL_VISION_KEYS
+        rows = []
+        for e in encoded:
+            t = e.vision.get(k)
+            if t is None:
+                shape = (1, len(e.input_ids), *like.shape[2:]) if token_level else tuple(like.shape)
+                t = like.new_zeros(shape)
+            if token_level and t.shape[1] < length:  # pad the token axis as input_ids was padded
+                pad = t.new_zeros((1, length - t.shape[1], *t.shape[2:]))
+                t = torch.cat([pad, t] if left else [t, pad], 1)
+            rows.append(t)
+        out[k] = _cat_padded(rows)
     return out
 
 

@@ -31,6 +31,7 @@ from .collate import VisionChatCollator
 from .datasets import ConversationDataset, load_rows
 from .fetch import MAX_IMAGE_BYTES
 from .formats import DEFAULT_INSTRUCTION, FormatOptions, RowFormatError, has_empty_answer
+from .packing import CollatePacks, PackedRows, pack_split, token_budget
 from .sampling import ResumableLoader, ResumableSampler, resume_position
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,13 @@ class VisionChatDataModule(L.LightningDataModule):
         eval_for_generation: val/test batches are prompt-only (left padded, with ``references``) instead of
             teacher-forced batches with labels.
         train_for_generation: train batches are prompt-only too (GRPO samples its own completions).
+        packing: padding-free SFT: each train micro-batch is one sequence of whole rows, kept apart in attention
+            and positions (exact: same loss and gradients as padded batches; no FLOPs on padding, but the
+            packs are fixed for the run and only their order is shuffled). Default off. Needs every train
+            row's length, so ``setup`` walks the rows once as with ``validate``. Val/test stay padded.
+        max_tokens_per_batch: the token budget of one packed micro-batch, image placeholder tokens included
+            (default ``batch_size * max_length``); ``batch_size`` is not used for packed train batches. A row
+            longer than the budget is refused in ``setup`` naming it (``on_overlong="skip"``: dropped, counted).
 
     Example:
         >>> dm = VisionChatDataModule("path/to/tiny-qwen2-vl", train="data/train.jsonl", val_fraction=0.1,
@@ -106,6 +114,8 @@ class VisionChatDataModule(L.LightningDataModule):
         max_image_bytes: int | None = MAX_IMAGE_BYTES,
         eval_for_generation: bool = False,
         train_for_generation: bool = False,
+        packing: bool = False,
+        max_tokens_per_batch: int | None = None,
     ):
         super().__init__()
         if on_bad_example not in ("raise", "skip"):
@@ -144,6 +154,11 @@ class VisionChatDataModule(L.LightningDataModule):
                                 max_image_bytes=max_image_bytes)
         self.eval_for_generation = eval_for_generation
         self.train_for_generation = train_for_generation
+        self.packing = packing
+        self.max_tokens_per_batch = token_budget(packing, max_tokens_per_batch, batch_size, max_length,
+                                                 train_for_generation)
+        self.validate = self.validate or packing  # the walk that measures every row, once
+        self.packs: list[list[int]] | None = None  # train row positions of each packed micro-batch
         self.datasets: dict[str, ConversationDataset] = {}
         self.num_skipped: dict[str, int] = {}
         self.report: DataCheckReport | None = None
@@ -164,11 +179,11 @@ class VisionChatDataModule(L.LightningDataModule):
         apply_pixel_bounds(self.processor, self.min_pixels, self.max_pixels)
         return self.processor
 
-    def collator(self, for_generation: bool = False) -> VisionChatCollator:
+    def collator(self, for_generation: bool = False, packing: bool = False) -> VisionChatCollator:
         return VisionChatCollator(
             self.get_processor(), max_length=self.max_length, train_on_responses_only=self.train_on_responses_only,
             for_generation=for_generation, on_overlong=self.on_overlong, min_pixels=self.min_pixels,
-            max_pixels=self.max_pixels, on_bad_example=self.on_bad_example, **self.image_fetch,
+            max_pixels=self.max_pixels, on_bad_example=self.on_bad_example, packing=packing, **self.image_fetch,
         )
 
     # --------------------------------------------------------------------------------------- setup
@@ -209,6 +224,10 @@ class VisionChatDataModule(L.LightningDataModule):
             num_skipped[name] = len(drop) + len(bad_lines[name])
             if len(datasets[name]) == 0 and (name == "train" or num_skipped[name]):
                 raise ValueError(_no_rows_left(name, len(ds), len(bad), len(empty), len(bad_lines[name])))
+        if self.packing and "train" in datasets:  # rows over the budget raise naming the row, or are dropped
+            datasets["train"], self.packs, over = pack_split(datasets["train"], self.report.splits["train"].lengths,
+                                                             self.max_tokens_per_batch, self.on_overlong)
+            num_skipped["train"] += over
         self.datasets, self.num_skipped = datasets, num_skipped
         self._report_skips()
 
@@ -295,15 +314,18 @@ class VisionChatDataModule(L.LightningDataModule):
             raise ValueError("no train data: pass train= to VisionChatDataModule")
         trainer = getattr(self, "trainer", None)
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = ResumableSampler(self.datasets["train"], num_replicas=world, rank=rank, seed=self.seed)
-        done, data_epoch = resume_position(trainer, -(-len(sampler) // self.batch_size))
+        dataset, batch_size, collate = self.datasets["train"], self.batch_size, self.collator(self.train_for_generation)
+        if self.packing:  # one pack (whole rows, at most max_tokens_per_batch tokens) per micro-batch
+            dataset, batch_size, collate = PackedRows(dataset, self.packs), 1, CollatePacks(self.collator(packing=True))
+        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=self.seed)
+        done, data_epoch = resume_position(trainer, -(-len(sampler) // batch_size))
         if done:
-            sampler.start = done * self.batch_size
+            sampler.start = done * batch_size
             sampler.epoch_offset = data_epoch - trainer.current_epoch
             sampler.set_epoch(trainer.current_epoch)
         return ResumableLoader(
-            self.datasets["train"], batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-            collate_fn=self.collator(self.train_for_generation), persistent_workers=self.num_workers > 0,
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
+            collate_fn=collate, persistent_workers=self.num_workers > 0,
         )
 
     def val_dataloader(self) -> DataLoader:

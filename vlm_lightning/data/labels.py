@@ -46,6 +46,17 @@ def strip_image_refs(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
     return out
 
 
+def fold_system_turn(messages: list[dict]) -> list[dict]:
+    """The system turn's text moved to the front of the first user turn. Llama 3.2 Vision's template refuses a
+    system turn in a conversation with images; the collator folds it (the usual workaround), so ``system_prompt``
+    works for every row."""
+    if len(messages) < 2 or messages[0]["role"] != "system" or messages[1]["role"] != "user":
+        return messages
+    first = dict(messages[1], content=[{"type": "text", "text": text_of(messages[0]).strip() + "\n\n"},
+                                       *messages[1]["content"]])
+    return [first, *messages[2:]]
+
+
 def render_chat(processor: Any, messages: list[dict], add_generation_prompt: bool) -> str:
     """The chat template's text (the processor's template, else its tokenizer's)."""
     owner = processor if getattr(processor, "chat_template", None) else getattr(processor, "tokenizer", processor)

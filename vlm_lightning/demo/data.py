@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 PROMPT = "What number is written in the image? Answer with the digits only."
 IMAGE_SIZE = (112, 56)
+FIXED_FONT_SIZE = 34  # the font size of layout="fixed" (the SFT demo's task)
 _VERSION = 1  # bump when the rendering changes, so stale folders are rebuilt
 
 
@@ -33,15 +35,17 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 
 def render_digits(text: str, rng: random.Random, size: tuple[int, int] = IMAGE_SIZE,
-                  layout: str = "random") -> Image.Image:
+                  layout: str = "random", font_size: int = FIXED_FONT_SIZE, noise: float = 0.0) -> Image.Image:
     """Draw ``text`` in dark ink on a light background. ``layout="random"``: random font size and position
-    from ``rng``; ``"fixed"``: one font size, centred, with a jitter of a few pixels (the CPU demo's task)."""
+    from ``rng``; ``"fixed"``: one font size (``font_size``), centred, with a jitter of a few pixels (the CPU
+    demo's task). ``noise``: standard deviation of Gaussian noise added to every pixel (0-255 scale), drawn
+    from ``rng`` too."""
     w, h = size
     bg = tuple(rng.randint(215, 255) for _ in range(3))
     ink = tuple(rng.randint(0, 60) for _ in range(3))
     img = Image.new("RGB", size, bg)
     draw = ImageDraw.Draw(img)
-    font = _font(rng.randint(22, 30) if layout == "random" else 34)
+    font = _font(rng.randint(22, 30) if layout == "random" else font_size)
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     tw, th = right - left, bottom - top
     if layout == "random":
@@ -51,6 +55,10 @@ def render_digits(text: str, rng: random.Random, size: tuple[int, int] = IMAGE_S
         x = (w - tw) // 2 + rng.randint(-3, 3) - left
         y = (h - th) // 2 + rng.randint(-3, 3) - top
     draw.text((x, y), text, fill=ink, font=font)
+    if noise > 0:
+        pixels = np.asarray(img, dtype=np.float32)
+        pixels += np.random.default_rng(rng.getrandbits(32)).normal(0.0, noise, pixels.shape)
+        img = Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8))
     return img
 
 
@@ -67,11 +75,12 @@ def _strings(n: int, rng: random.Random, exclude: set[str]) -> list[str]:
 
 def make_demo_ocr_dataset(root: str | Path, n_train: int = 64, n_val: int = 16, seed: int = 0,
                           num_digits: int | None = None, layout: str = "random", prompt: str = PROMPT,
-                          image_last: bool = False) -> dict[str, Path]:
+                          image_last: bool = False, font_size: int = FIXED_FONT_SIZE,
+                          noise: float = 0.0) -> dict[str, Path]:
     """Write (once) and return ``{"train": root/train.jsonl, "val": root/val.jsonl}``.
 
-    Deterministic for a given ``(n_train, n_val, seed, num_digits, layout, prompt, image_last)``; a folder made with
-    the same settings is reused. Train and val strings are disjoint.
+    Deterministic for a given ``(n_train, n_val, seed, num_digits, layout, prompt, image_last, font_size, noise)``;
+    a folder made with the same settings is reused. Train and val strings are disjoint.
 
     ``num_digits=None`` draws strings of 2-4 digits, each string used once. ``num_digits=k`` uses the 10**k
     strings of exactly k digits: ``n_val`` of them are held out for validation, and the ``n_train`` training
@@ -80,6 +89,11 @@ def make_demo_ocr_dataset(root: str | Path, n_train: int = 64, n_val: int = 16, 
 
     ``prompt`` is the user's question (it never holds the answer); ``image_last=True`` puts the image after
     it, right before the answer (the CPU demo: "Read." then the image).
+
+    ``font_size`` (layout "fixed") and ``noise`` (pixel noise std) shift the rendering away from the SFT demo's
+    task for the GRPO demo (``recipes/demo/grpo_cpu.yaml``). With the same ``seed``, ``num_digits`` and
+    ``n_val`` the validation strings are the same whatever the rendering, so a shifted set's validation strings
+    are also held out of the SFT demo's training.
 
     Example:
         >>> paths = make_demo_ocr_dataset("/tmp/demo_ocr", n_train=32, n_val=8)
@@ -95,6 +109,8 @@ def make_demo_ocr_dataset(root: str | Path, n_train: int = 64, n_val: int = 16, 
         settings.update(num_digits=num_digits, layout=layout)
     if prompt != PROMPT or image_last:
         settings.update(prompt=prompt, image_last=image_last)
+    if font_size != FIXED_FONT_SIZE or noise:
+        settings.update(font_size=font_size, noise=noise)
     if stamp.exists() and all(p.exists() for p in paths.values()):
         try:
             if json.loads(stamp.read_text()) == settings:
@@ -118,7 +134,7 @@ def make_demo_ocr_dataset(root: str | Path, n_train: int = 64, n_val: int = 16, 
         with paths[split].open("w", encoding="utf-8") as f:
             for i, s in enumerate(strings):
                 rel = f"{split}/{i:05d}.png"
-                render_digits(s, split_rng, layout=layout).save(root / rel)
+                render_digits(s, split_rng, layout=layout, font_size=font_size, noise=noise).save(root / rel)
                 user = [{"type": "image", "image": rel}, {"type": "text", "text": prompt}]
                 row = {
                     "messages": [
@@ -145,6 +161,8 @@ class DemoOCRData:
     layout: str = "random"
     prompt: str = PROMPT
     image_last: bool = False
+    font_size: int = FIXED_FONT_SIZE
+    noise: float = 0.0
 
 
 def write_demo_data(settings: DemoOCRData | Any) -> dict[str, Path]:
@@ -156,7 +174,9 @@ def write_demo_data(settings: DemoOCRData | Any) -> dict[str, Path]:
     """
     return make_demo_ocr_dataset(settings.root, n_train=settings.n_train, n_val=settings.n_val, seed=settings.seed,
                                  num_digits=settings.num_digits, layout=settings.layout, prompt=settings.prompt,
-                                 image_last=settings.image_last)
+                                 image_last=settings.image_last,
+                                 font_size=getattr(settings, "font_size", FIXED_FONT_SIZE),
+                                 noise=getattr(settings, "noise", 0.0))
 
 
 if __name__ == "__main__":  # pragma: no cover

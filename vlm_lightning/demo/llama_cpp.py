@@ -25,14 +25,16 @@ from PIL import Image
 #: (width, height) per family: a multiple of the patch (x merge) size that HF's processor does not resize
 #: either, because llama.cpp's clip.cpp resizes with its own rules (token limits, bicubic) where HF would.
 IMAGE_SIZE = {"qwen2_vl": (112, 56), "qwen2_5_vl": (112, 56), "gemma3": (56, 56), "pixtral": (64, 32),
-              "mistral3": (112, 56), "mistral3_small": (112, 56)}
+              "mistral3": (112, 56), "mistral3_small": (112, 56), "qwen3_vl": (128, 64)}
 #: where each family's chat template puts the image, and what libmtmd expects there instead (it adds the
 #: begin/end tokens itself); ``{m}`` is libmtmd's marker.
 PLACEHOLDER = {"qwen2_vl": ("<|vision_start|><|image_pad|><|vision_end|>", "{m}"),
                "qwen2_5_vl": ("<|vision_start|><|image_pad|><|vision_end|>", "{m}"),
+               "qwen3_vl": ("<|vision_start|><|image_pad|><|vision_end|>", "{m}"),
                "gemma3": ("<start_of_image>", "\n\n{m}\n\n"),  # as Gemma3Processor expands it
                "pixtral": ("[IMG]", "{m}"), "mistral3": ("[IMG]", "{m}"), "mistral3_small": ("[IMG]", "{m}")}
-#: families whose export llama.cpp reads (LLaVA-NeXT has no llama.cpp converter mapping)
+#: families whose export llama.cpp reads exactly (LLaVA-NeXT: text only; its approximate mmproj is tested in
+#: tests/export/test_gguf_llava_next.py)
 LLAMA_CPP_FAMILIES = tuple(IMAGE_SIZE)
 
 

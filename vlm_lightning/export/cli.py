@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", default=None, help="file name stem (default: the merged folder's name)")
     g.add_argument("--mmproj-quant", default="f16", choices=["f16", "f32", "bf16", "q8_0"])
     g.add_argument("--no-mmproj", action="store_true", help="text model only")
+    g.add_argument("--approximate-mmproj", action="store_true",
+                   help="LLaVA-NeXT: write the mmproj although llama.cpp's image token layout differs (docs/export.md)")
 
     u = sub.add_parser("push", help="upload a folder (merged model, adapter or GGUF files) to the Hub")
     u.add_argument("--path", required=True)
@@ -96,6 +98,7 @@ def export_main(argv: list[str] | None = None) -> int:
             print(f"merged model written to {merged}")
         for i, q in enumerate(args.quant or ["q8_0"]):
             paths = to_gguf(merged, out, quant=q, name=args.name, mmproj=not args.no_mmproj and i == 0,
+                            approximate_mmproj=args.approximate_mmproj,
                             mmproj_quant=args.mmproj_quant)
             for kind, path in paths.items():
                 print(f"{kind}: {path}")

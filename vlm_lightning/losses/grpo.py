@@ -256,7 +256,8 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, clip: float = 20.0) -> tor
 # ----------------------------------------------------------------------------------------------------------
 def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, loss_type: LossType,
                    max_completion_length: int | None = None, num_items_in_batch: float | torch.Tensor | None = None,
-                   grad_accum_steps: int = 1, world_size: int = 1) -> torch.Tensor:
+                   grad_accum_steps: int = 1, world_size: int = 1, batch_rows: int | None = None,
+                   batch_tokens: float | torch.Tensor | None = None) -> torch.Tensor:
     """Reduce a masked (B, T) per-token loss to a scalar, as TRL does per loss type.
 
     With A = accumulation steps (``grad_accum_steps``) and M the mask:
@@ -268,6 +269,13 @@ def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, loss_type: 
         losses and averaging gradients over ranks then gives sum / global count. When it is None the
         local count ``sum M * grad_accum_steps`` is used (exact for one micro-batch on one rank).
 
+    With uneven micro-batches (``max_tokens_per_micro_batch``) "B * A" and "sum M * A" are not the step's counts;
+    give the step's own instead and the micro-batch losses (and gradients) sum to exactly the loss of the whole
+    step as one batch, however it is split: ``batch_rows`` (rows of the optimizer step on this rank) replaces
+    ``B * A`` in "grpo" (sum_i[...] / batch_rows) and "dr_grpo" (sum l M / (batch_rows * max_completion_length));
+    ``batch_tokens`` (its active tokens on this rank) replaces ``sum M * A`` in "bnpo". ("bnpo" is then the
+    step's token mean, where TRL's is each micro-batch's: the same for one micro-batch.)
+
     Args:
         per_token_loss: (B, T) or (B, 1) (broadcast over T). mask: (B, T) 0/1.
 
@@ -276,13 +284,16 @@ def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, loss_type: 
     """
     m = mask.to(torch.float32)
     lm = per_token_loss.float() * m  # (B, T)
+    rows = batch_rows if batch_rows is not None else mask.shape[0] * grad_accum_steps
     if loss_type == "grpo":
-        return ((lm.sum(-1) / m.sum(-1).clamp(min=1.0)).mean()) / grad_accum_steps
+        return (lm.sum(-1) / m.sum(-1).clamp(min=1.0)).sum() / rows
     if loss_type == "bnpo":
-        return lm.sum() / m.sum().clamp(min=1.0) / grad_accum_steps
+        if batch_tokens is None:
+            return lm.sum() / m.sum().clamp(min=1.0) / grad_accum_steps
+        return lm.sum() / torch.as_tensor(batch_tokens, dtype=torch.float32, device=lm.device).clamp(min=1.0)
     if loss_type == "dr_grpo":
         width = max_completion_length if max_completion_length is not None else mask.shape[-1]
-        return lm.sum() / (mask.shape[0] * width) / grad_accum_steps
+        return lm.sum() / (rows * width)
     if loss_type == "dapo":
         if num_items_in_batch is None:
             denom = m.sum() * grad_accum_steps
@@ -300,7 +311,9 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advantages: torch.Tensor,
                         mask: torch.Tensor, config: GRPOLossConfig, ref_logp: torch.Tensor | None = None,
                         num_items_in_batch: float | torch.Tensor | None = None, grad_accum_steps: int = 1,
-                        world_size: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                        world_size: int = 1, batch_rows: int | None = None,
+                        batch_tokens: float | torch.Tensor | None = None,
+                        token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped surrogate + k3 KL, aggregated per ``config.loss_type``.
 
     Args:
@@ -310,7 +323,10 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advan
         mask: (B, T) 0/1 completion mask (apply ``mask_truncated_completions`` before, if wanted).
         config: a validated ``GRPOLossConfig``.
         ref_logp: (B, T) reference-policy log-probs; required when ``config.beta > 0``.
-        num_items_in_batch, grad_accum_steps, world_size: the normalisers of ``aggregate_loss``.
+        num_items_in_batch, grad_accum_steps, world_size, batch_rows, batch_tokens: the normalisers of
+            ``aggregate_loss``.
+        token_weights: (B, T) detached per-token weights multiplied into the clipped policy term (not the KL),
+            e.g. the rollout correction of ``losses.rollout_correction.rollout_correction_weights``; None: 1.
 
     Returns:
         (loss () scalar, metrics dict of detached scalars): ``kl`` (masked mean k3, only if beta > 0),
@@ -334,13 +350,15 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, advan
     if config.delta is not None:
         coef_1 = coef_1.clamp(max=config.delta)
     per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)  # (B, T) or (B, 1)
+    if token_weights is not None:
+        per_token_loss = per_token_loss * token_weights.detach().float()  # (B, T)
     metrics: dict[str, torch.Tensor] = {}
     if config.beta > 0:
         kl = k3_kl(logp, ref_logp, config.log_ratio_clip)  # (B, T)
         per_token_loss = per_token_loss + config.beta * kl
         metrics["kl"] = _masked_mean(kl.detach(), mask)
     loss = aggregate_loss(per_token_loss, mask, config.loss_type, config.max_completion_length,
-                          num_items_in_batch, grad_accum_steps, world_size)
+                          num_items_in_batch, grad_accum_steps, world_size, batch_rows, batch_tokens)
     with torch.no_grad():
         c1 = coef_1.detach()
         low = ((c1 < 1.0 - config.epsilon) & (adv < 0)).float()

@@ -35,7 +35,7 @@ class FamilySpec:
     """Static facts about one VLM family.
 
     Attributes:
-        name: family key ("qwen2_vl", "qwen2_5_vl", "llava_next", "pixtral", "gemma3", "mistral3",
+        name: family key ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next", "pixtral", "gemma3", "mistral3",
             "mistral3_small").
         model_types: HF `config.model_type` values of the top-level config.
         text_model_types: `config.text_config.model_type` values that select this family (empty: any).
@@ -43,6 +43,8 @@ class FamilySpec:
         language_model: dotted path to the text decoder (embeddings + layers + final norm).
         vision_tower: dotted path to the vision encoder.
         projector: dotted path to the vision->text projector (for Qwen it sits inside the tower).
+        extra_projectors: further projector modules beside ``projector`` (Qwen3-VL's deepstack mergers, an
+            ``nn.ModuleList`` inside the tower): never vision-LoRA targets, trained with ``finetune_projector``.
         lm_head: dotted path to the output projection.
         decoder_layers: dotted path to the text decoder's `nn.ModuleList` of layers.
         vision_layers: dotted path to the vision encoder's `nn.ModuleList` of blocks.
@@ -52,10 +54,12 @@ class FamilySpec:
         vision_attention_modules / vision_mlp_modules: the same inside a vision block.
         image_special_tokens: every image-related token that must never carry a label (placeholder,
             begin/end/break markers); the collator masks each one the tokenizer has.
-        gguf_text_arch: llama.cpp's architecture for the language model ("qwen2vl", "gemma3", "llama",
-            "mistral3"), or None when there is no GGUF export.
+        gguf_text_arch: llama.cpp's architecture for the language model ("qwen2vl", "qwen3vl", "gemma3",
+            "llama", "mistral3"), or None when there is no GGUF export.
         gguf_projector: llama.cpp's projector type of the mmproj file ("qwen2vl_merger", "pixtral", ...).
         gguf_refusal: why a family has no GGUF export (said in the error), or "".
+        cross_attention: name of the cross-attention module inside a text decoder layer (Llama 3.2 Vision's
+            ``cross_attn``), or "" when images enter as tokens; its linears are LoRA'd by ``finetune_cross_attention``.
     """
 
     name: str
@@ -74,9 +78,11 @@ class FamilySpec:
     image_special_tokens: tuple[str, ...]
     text_model_types: tuple[str, ...] = ()
     vision_model_types: tuple[str, ...] = ()
+    extra_projectors: tuple[str, ...] = ()
     gguf_text_arch: str | None = None
     gguf_projector: str | None = None
     gguf_refusal: str = ""
+    cross_attention: str = ""
 
 
 # every family's language model sits under model.language_model (transformers 5 layout)
@@ -120,13 +126,23 @@ FAMILIES: dict[str, FamilySpec] = {
         vision_attention_modules=("qkv", "proj"), vision_mlp_modules=SWIGLU_MLP, gguf_projector="qwen2.5vl_merger",
         **_QWEN_COMMON,
     ),
+    "qwen3_vl": FamilySpec(
+        name="qwen3_vl", model_types=("qwen3_vl",),
+        # dense Qwen3 text (q_norm/k_norm, interleaved M-RoPE); vision blocks: fused `qkv` + `proj`, MLP
+        # linear_fc1/linear_fc2 (tanh-GELU); projector = `merger` + one deepstack merger per
+        # deepstack_visual_indexes entry, whose outputs are added to the first decoder layers' hidden states.
+        vision_attention_modules=("qkv", "proj"), vision_mlp_modules=("linear_fc1", "linear_fc2"),
+        extra_projectors=("model.visual.deepstack_merger_list",),
+        **dict(_QWEN_COMMON, gguf_text_arch="qwen3vl"), gguf_projector="qwen3vl_merger",
+    ),
     "llava_next": FamilySpec(
         name="llava_next", model_types=("llava_next",),
         vision_layers="model.vision_tower.encoder.layers",  # CLIPVisionModel (flat in transformers 5)
         vision_attention_modules=("q_proj", "k_proj", "v_proj", "out_proj"), vision_mlp_modules=("fc1", "fc2"),
         image_special_tokens=("<image>",),
-        gguf_refusal="LLaVA-NeXT has no converter mapping in llama.cpp (only the legacy llava-surgery path, whose "
-                     "anyres/spatial_unpad tensors clip.cpp does not load from a transformers checkpoint)",
+        # llama.cpp's legacy llava-1.6 layout (export.gguf.llava_next): a llama text GGUF + an "mlp" mmproj, whose
+        # image path in libmtmd is approximate (no unpadding, no image_newline)
+        gguf_text_arch="llama", gguf_projector="mlp",
         **_LLAVA_PATHS,
     ),
     "pixtral": FamilySpec(
@@ -150,6 +166,19 @@ FAMILIES: dict[str, FamilySpec] = {
     "mistral3_small": FamilySpec(
         name="mistral3_small", model_types=("mistral3",), text_model_types=("mistral",), gguf_text_arch="mistral3",
         **_LLAVA_PATHS, **_PIXTRAL_VISION, **_MISTRAL,
+    ),
+    "mllama": FamilySpec(
+        name="mllama", model_types=("mllama",),
+        # Llama 3.2 Vision: one <|image|> token per image; the tiles' features enter through the gated
+        # cross-attention decoder layers (text_config.cross_attention_layers), whose `cross_attn` has q/k/v/o_proj.
+        # Vision: a local (`transformer`) and a gated global (`global_transformer`) encoder, both CLIP-like.
+        vision_tower="model.vision_model", projector="model.multi_modal_projector",
+        vision_layers="model.vision_model.transformer.layers",
+        vision_attention_modules=ATTENTION, vision_mlp_modules=("fc1", "fc2"),
+        image_special_tokens=("<|image|>",), cross_attention="cross_attn",
+        gguf_refusal="llama.cpp has no mllama support (no text architecture for its cross-attention decoder "
+                     "layers and no mmproj projector type for its tiled vision encoder)",
+        **_DECODER,
     ),
 }
 
@@ -268,15 +297,30 @@ def needs_mm_token_type_ids(processor) -> bool:
     return type(processor).__name__.startswith("Qwen")
 
 
+#: Processor outputs of a cross-attention family (Llama 3.2 Vision) whose dim 1 is the token axis: padded, cut and
+#: packed with ``input_ids``. Its other vision outputs have one entry per *row* (dim 0), not per image.
+TOKEN_LEVEL_VISION_KEYS = ("cross_attention_mask",)
+
+
+def uses_cross_attention(processor) -> bool:
+    """Images enter through cross-attention (Llama 3.2 Vision): one ``<|image|>`` token per image, vision inputs
+    per row (``pixel_values`` (B, images, tiles, C, H, W), ``aspect_ratio_ids`` / ``_mask``,
+    ``cross_attention_mask`` (B, T, images, tiles)), and a chat template that refuses a system turn with images."""
+    return "cross_attention_mask" in (getattr(processor, "model_input_names", None) or [])
+
+
 def expected_image_tokens(processor, vision: Mapping[str, torch.Tensor], num_images: int) -> int | None:
     """Number of features the vision tower yields for one row's images, from the processor's outputs.
 
-    Qwen-VL: ``prod(image_grid_thw) / merge_size**2``; Pixtral/Mistral 3: one per (merged) patch of each
+    Llama 3.2 Vision: one per image; Qwen-VL: ``prod(image_grid_thw) / merge_size**2``;
+    Pixtral/Mistral 3: one per (merged) patch of each
     ``image_sizes`` entry; LLaVA-NeXT: the anyres feature count incl. newline tokens; Gemma 3: a fixed
     ``image_seq_length`` per image. ``None`` when the family is unknown.
     """
     if num_images == 0:
         return 0
+    if "aspect_ratio_ids" in vision:  # Llama 3.2 Vision: one <|image|> per image, features via cross-attention
+        return num_images
     ip = getattr(processor, "image_processor", None)
     if "image_grid_thw" in vision:
         merge = int(getattr(ip, "merge_size", 2))
@@ -300,6 +344,7 @@ def expected_image_tokens(processor, vision: Mapping[str, torch.Tensor], num_ima
 
 
 __all__ = [
-    "DEFAULT_MIN_SIDE", "FAMILIES", "FamilySpec", "VISION_TOKEN_STRINGS", "expected_image_tokens", "get_family_spec",
-    "image_token_id", "min_image_side", "needs_mm_token_type_ids", "vision_token_ids",
+    "DEFAULT_MIN_SIDE", "FAMILIES", "FamilySpec", "TOKEN_LEVEL_VISION_KEYS", "VISION_TOKEN_STRINGS",
+    "expected_image_tokens", "get_family_spec", "image_token_id", "min_image_side", "needs_mm_token_type_ids",
+    "uses_cross_attention", "vision_token_ids",
 ]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "IGNORE_INDEX", "NON_MODEL_KEYS", "compute_dtype", "count_images", "decoder_hidden_states",
+    "IGNORE_INDEX", "NON_MODEL_KEYS", "SEQ_LENS", "compute_dtype", "count_images", "decoder_hidden_states",
     "final_logit_softcap", "forward_source", "is_quantized", "lm_head_weight", "model_inputs", "resolve_dtype",
     "text_config", "unwrap_model",
 ]
@@ -29,6 +29,8 @@ __all__ = [
 IGNORE_INDEX = -100
 # collated-batch keys that are not model inputs (labels, generation and bookkeeping extras)
 NON_MODEL_KEYS = ("labels", "references", "row_index", "images", "prompts")
+#: the key of a packed batch (``packing=True``): (R,) lengths of the rows in its one sequence
+SEQ_LENS = "seq_lens"
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -83,7 +85,12 @@ _SOURCE_CACHE: dict = {}
 
 
 def forward_source(fn) -> str:
-    """Whitespace-free source of a function (cached), '' when unavailable: what a forward really does."""
+    """Whitespace-free source of a function (cached), '' when unavailable: what a forward really does.
+
+    Keyed by the *unwrapped* function's code: every forward wrapped by the same decorator (transformers'
+    ``deprecate_kwarg``) shares the wrapper's code object, which once made Llama 3.2 Vision's cross-attention
+    read as its self-attention."""
+    fn = inspect.unwrap(fn) if callable(fn) else fn
     key = getattr(fn, "__code__", fn)
     if key not in _SOURCE_CACHE:
         try:
@@ -122,13 +129,20 @@ def lm_head_weight(model: nn.Module) -> torch.Tensor | None:
 
 
 def model_inputs(batch: dict[str, Any], device: torch.device | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of a collated batch that the model's forward / generate takes (labels excluded)."""
+    """The tensors of a collated batch that the model's forward / generate takes (labels excluded). A packed
+    batch is refused: its rows stay apart only through ``models.packing.forward_inputs(model, batch)``."""
+    if SEQ_LENS in batch:
+        raise ValueError("a packed batch (packing=True) needs the model's packed kwargs: use "
+                         "vlm_lightning.models.packing.forward_inputs(model, batch), not model_inputs(batch)")
     out = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in NON_MODEL_KEYS}
     return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
 
 def count_images(batch: dict[str, Any]) -> int:
-    """Images in a collated batch: one row of image_grid_thw / image_sizes, or of pixel_values, per image."""
+    """Images in a collated batch: one row of image_grid_thw / image_sizes, or of pixel_values, per image (Llama 3.2
+    Vision: the non-zero ``aspect_ratio_ids``; its pixel_values have one row per batch row)."""
+    if isinstance(batch.get("aspect_ratio_ids"), torch.Tensor):
+        return int((batch["aspect_ratio_ids"] != 0).sum())
     for key in ("image_grid_thw", "image_sizes"):
         if isinstance(batch.get(key), torch.Tensor):
             return int(batch[key].shape[0])

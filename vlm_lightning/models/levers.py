@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from .checkpointing import checkpoint_layers
 from .families import get_family_spec
 from .hf import unwrap_model
-from .lora import fuse_lora_forward
+from .lora import fuse_lora_forward, projector_paths
 from .patch import swap_forward
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,8 @@ def _make_grad_restoring_forward(original):
     return forward
 
 
-def _trainable_outside(root: nn.Module, excluded: nn.Module | None) -> list[str]:
-    skip = {id(p) for p in excluded.parameters()} if excluded is not None else set()
+def _trainable_outside(root: nn.Module, excluded: list[nn.Module]) -> list[str]:
+    skip = {id(p) for m in excluded for p in m.parameters()}
     return [n for n, p in root.named_parameters() if p.requires_grad and id(p) not in skip]
 
 
@@ -98,14 +98,16 @@ def freeze_vision_autograd(model: nn.Module, family_spec=None) -> bool:
         tower = hf.get_submodule(spec.vision_tower)
     except AttributeError:
         return False
-    inside = spec.projector.startswith(spec.vision_tower + ".")
-    projector = hf.get_submodule(spec.projector) if inside else None
-    trainable = _trainable_outside(tower, projector)
+    # the projector parts inside the tower: Qwen's merger, and Qwen3-VL's deepstack mergers (a ModuleList)
+    inside = [hf.get_submodule(p) for p in projector_paths(spec) if p.startswith(spec.vision_tower + ".")]
+    projectors = [m for part in inside for m in (part if isinstance(part, nn.ModuleList) else [part])]
+    trainable = _trainable_outside(tower, projectors)
     if trainable:
         log.info("frozen_vision_no_grad: vision tower has trainable weights (%s, ...): lever off", trainable[0])
         return False
-    if projector is not None and any(p.requires_grad for p in projector.parameters()):
-        swap_forward(projector, "grad_restore", _make_grad_restoring_forward)
+    for projector in projectors:
+        if any(p.requires_grad for p in projector.parameters()):
+            swap_forward(projector, "grad_restore", _make_grad_restoring_forward)
     swap_forward(tower, "no_grad", _make_no_grad_forward)
     return True
 

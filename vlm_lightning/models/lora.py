@@ -82,11 +82,34 @@ def _generalised_pattern(name: str, module_lists: set[str]) -> str:
     return r"\.".join(out)
 
 
+def projector_paths(family_spec) -> tuple[str, ...]:
+    """Every projector module path of a family: ``projector`` plus its ``extra_projectors``."""
+    return (family_spec.projector, *getattr(family_spec, "extra_projectors", ()))
+
+
+def _projector_modules(model: nn.Module, family_spec) -> list[str]:
+    """``modules_to_save`` entries for the whole projector: a ModuleList (deepstack mergers) by its items."""
+    out = []
+    for path in projector_paths(family_spec):
+        module = model.get_submodule(path)
+        out += [f"{path}.{i}" for i in range(len(module))] if isinstance(module, nn.ModuleList) else [path]
+    return out
+
+
+def _in_cross_attention(name: str, family_spec) -> bool:
+    """``name`` is a linear inside a decoder layer's cross-attention (Llama 3.2 Vision's ``layers.N.cross_attn``)."""
+    cross = getattr(family_spec, "cross_attention", "")
+    return bool(cross) and _under(name, family_spec.decoder_layers) and f".{cross}." in name
+
+
 def select_lora_modules(model: nn.Module, family_spec, finetune_language_layers: bool = True,
                         finetune_vision_layers: bool = False, finetune_attention_modules: bool = True,
-                        finetune_mlp_modules: bool = True) -> list[str]:
+                        finetune_mlp_modules: bool = True, finetune_cross_attention: bool = True) -> list[str]:
     """Names of the linear layers the switches select (language decoder layers and/or the vision tower minus
-    the projector; attention and/or MLP linears). Raises if a requested part has none."""
+    the projector; attention and/or MLP linears). The cross-attention linears of a cross-attention family
+    (Llama 3.2 Vision: q/k/v/o_proj of ``cross_attn``) follow ``finetune_cross_attention`` alone (with or without
+    the language layers and the attention switch); the MLPs of its cross-attention layers are language MLPs.
+    Raises if a requested part has none."""
     if not (finetune_attention_modules or finetune_mlp_modules):
         raise ValueError("apply_lora: finetune_attention_modules and finetune_mlp_modules are both False: "
                          "no module to adapt (set one, or pass target_modules)")
@@ -98,16 +121,19 @@ def select_lora_modules(model: nn.Module, family_spec, finetune_language_layers:
         parts.append(("language", family_spec.decoder_layers, None,
                       tuple(family_spec.attention_modules), tuple(family_spec.mlp_modules)))
     if finetune_vision_layers:
-        parts.append(("vision", family_spec.vision_tower, family_spec.projector,
+        # the projector (and Qwen3-VL's deepstack mergers) is not part of the vision layers
+        parts.append(("vision", family_spec.vision_tower, projector_paths(family_spec),
                       tuple(getattr(family_spec, "vision_attention_modules", ())),
                       tuple(getattr(family_spec, "vision_mlp_modules", ()))))
-    for part, root, exclude, attn_leaves, mlp_leaves in parts:
-        found = [n for n in linears if _under(n, root) and not _under(n, exclude)
-                 and _component(n, root, attn_leaves, mlp_leaves) in wanted]
+    for part, root, excluded, attn_leaves, mlp_leaves in parts:
+        found = [n for n in linears if _under(n, root) and not any(_under(n, x) for x in excluded or ())
+                 and _component(n, root, attn_leaves, mlp_leaves) in wanted and not _in_cross_attention(n, family_spec)]
         if not found:
             raise ValueError(f"apply_lora: no {'/'.join(sorted(wanted))} linear layer under {root!r} for the "
                              f"{part} layers of {type(model).__name__} (family {family_spec.name!r})")
         selected += found
+    if finetune_cross_attention:
+        selected += [n for n in linears if _in_cross_attention(n, family_spec)]
     return selected
 
 
@@ -193,7 +219,8 @@ def resolve_lora_dtype(model: nn.Module, lora_dtype) -> torch.dtype:
 def apply_lora(model: nn.Module, r: int = 16, lora_alpha: int = 16, lora_dropout: float = 0.0,
                finetune_language_layers: bool = True, finetune_vision_layers: bool = False,
                finetune_attention_modules: bool = True, finetune_mlp_modules: bool = True,
-               finetune_projector: bool = False, target_modules: str | list[str] | None = None,
+               finetune_projector: bool = False, finetune_cross_attention: bool = True,
+               target_modules: str | list[str] | None = None,
                modules_to_save: list[str] | None = None, use_rslora: bool = False, use_dora: bool = False,
                gradient_checkpointing: bool = True, lora_dtype: str | torch.dtype | None = "compute",
                init_lora_weights: bool | str = True, bias: str = "none", use_reentrant: bool = False):
@@ -204,6 +231,8 @@ def apply_lora(model: nn.Module, r: int = 16, lora_alpha: int = 16, lora_dropout
         finetune_language_layers / finetune_vision_layers: adapt the decoder layers / the vision tower
             (the projector is not part of the vision layers).
         finetune_attention_modules / finetune_mlp_modules: adapt attention / MLP linears of those parts.
+        finetune_cross_attention: adapt the q/k/v/o of the cross-attention layers (Llama 3.2 Vision), the
+            text's only path to the image; a no-op for families whose images enter as tokens.
         finetune_projector: train the whole vision->text projector (as a ``modules_to_save`` copy; some
             projectors, e.g. Gemma 3's, have no linear layer to put LoRA on).
         target_modules: overrides the switches: a regex full-matched against module names, or a list of
@@ -223,9 +252,9 @@ def apply_lora(model: nn.Module, r: int = 16, lora_alpha: int = 16, lora_dropout
     _check_patterns_match(model, target_modules, modules_to_save)
     if target_modules is None:
         names = []
-        if finetune_language_layers or finetune_vision_layers:
+        if finetune_language_layers or finetune_vision_layers or (finetune_cross_attention and spec.cross_attention):
             names = select_lora_modules(model, spec, finetune_language_layers, finetune_vision_layers,
-                                        finetune_attention_modules, finetune_mlp_modules)
+                                        finetune_attention_modules, finetune_mlp_modules, finetune_cross_attention)
         if not names:
             raise ValueError("apply_lora: finetune_language_layers and finetune_vision_layers are both False: "
                              "no LoRA target (train the projector alone with a full fine-tune, or pass "
@@ -233,7 +262,7 @@ def apply_lora(model: nn.Module, r: int = 16, lora_alpha: int = 16, lora_dropout
         target_modules = build_target_regex(model, names)
     save = list(modules_to_save or [])
     if finetune_projector:
-        save.append(spec.projector)
+        save += _projector_modules(model, spec)
     save = list(dict.fromkeys(save)) or None
 
     for p in model.parameters():  # frozen base; PEFT unfreezes only what it adds

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from vlm_lightning.distributed.checks import check_module_strategy
@@ -33,13 +34,14 @@ from vlm_lightning.models.build import build_model
 from vlm_lightning.models.families import image_token_id
 from vlm_lightning.models.hf import model_inputs, unwrap_model
 from vlm_lightning.models.levers import parse_checkpointing
+from vlm_lightning.modules.param_groups import component_param_groups
 from vlm_lightning.rollout.hf import generate_tokens
 
 __all__ = ["NonFiniteError", "VisionModule"]
 
 _LORA_ARGS = ("r", "lora_alpha", "lora_dropout", "finetune_language_layers", "finetune_vision_layers",
-              "finetune_attention_modules", "finetune_mlp_modules", "finetune_projector", "target_modules",
-              "modules_to_save", "use_rslora", "use_dora", "lora_dtype", "init_lora_weights")
+              "finetune_attention_modules", "finetune_mlp_modules", "finetune_projector", "finetune_cross_attention",
+              "target_modules", "modules_to_save", "use_rslora", "use_dora", "lora_dtype", "init_lora_weights")
 
 
 class NonFiniteError(RuntimeError):
@@ -67,14 +69,19 @@ class VisionModule(L.LightningModule):
         lora: True trains LoRA adapters (the switches below); False trains every weight (full fine-tune).
         r, lora_alpha, lora_dropout, use_rslora, use_dora: LoRA hyper-parameters.
         finetune_language_layers, finetune_vision_layers, finetune_attention_modules, finetune_mlp_modules,
-        finetune_projector, target_modules, modules_to_save, lora_dtype, init_lora_weights: see
-            ``models.lora.apply_lora`` (``init_lora_weights=False``: random, non-zero B, for tests).
+        finetune_projector, finetune_cross_attention, target_modules, modules_to_save, lora_dtype,
+        init_lora_weights: see ``models.lora.apply_lora`` (``init_lora_weights=False``: random, non-zero B, for tests).
         gradient_checkpointing: non-reentrant activation checkpointing (saves memory, costs ~30% time):
             True/"full" (every decoder layer), False/"none", or a selective mode of ``models.levers``:
             "mlp" / "attention" (only that sub-block of each decoder layer is recomputed), "every_N" (every
             N-th decoder layer is checkpointed, the others keep their activations: faster, more memory).
         optimizer: e.g. ``torch.optim.AdamW`` with ``init_args: {lr: 2e-4}`` in YAML (default AdamW lr 2e-4).
         scheduler: an ``LRSchedulerCallable`` stepped every optimizer step, or None.
+        lr_vision, lr_projector, lr_language: learning rate of the vision tower's, the projector's and the
+            language model's (``lm_head`` included) trainable weights, LoRA weights counting with the module
+            they wrap (``modules.param_groups``); None = the optimizer's ``lr``. Any of them set gives the
+            optimizer one parameter group per component (named "vision", "projector", "language"; the
+            scheduler scales each from its own lr); all None keeps one group.
         use_kernels: patch the model with the fused Triton ops (``models.patch.apply_kernels``) and take the
             loss from the fused linear cross-entropy.
         bnb_4bit_quant_storage: packed 4-bit storage dtype (set to ``dtype`` for FSDP).
@@ -107,6 +114,7 @@ class VisionModule(L.LightningModule):
         finetune_attention_modules: bool = True,
         finetune_mlp_modules: bool = True,
         finetune_projector: bool = False,
+        finetune_cross_attention: bool = True,
         target_modules: str | list[str] | None = None,
         modules_to_save: list[str] | None = None,
         use_rslora: bool = False,
@@ -116,6 +124,9 @@ class VisionModule(L.LightningModule):
         gradient_checkpointing: bool | str = True,
         optimizer: OptimizerCallable = _default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
+        lr_vision: float | None = None,
+        lr_projector: float | None = None,
+        lr_language: float | None = None,
         use_kernels: bool = False,
         bnb_4bit_quant_storage: str | None = None,
         trust_remote_code: bool = False,
@@ -205,7 +216,16 @@ class VisionModule(L.LightningModule):
         return self.model(**inputs)
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        lrs = {c: self.hparams.get(f"lr_{c}") for c in ("vision", "projector", "language")}
+        if all(lr is None for lr in lrs.values()):
+            params = [p for p in self.model.parameters() if p.requires_grad]
+        else:  # one group per component; the optimizer's own lr stays the default of a group without one
+            params = component_param_groups(self.model, lrs)
+            present = {g["name"] for g in params}
+            for component, lr in lrs.items():
+                if lr is not None and component not in present:
+                    rank_zero_warn(f"lr_{component}={lr} applies to nothing: no {component} weight trains "
+                                   "(see the finetune_* switches)")
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer

@@ -10,8 +10,13 @@ One training step = one batch of B prompts (with their images) from a prompt-onl
      group advantages (``vlm_lightning.losses.group_advantages``);
   3. reference log-probs (``beta > 0``) from the same model with its adapters disabled (or switched to a
      frozen copy of the warm-start adapter): no second model in memory;
-  4. ``num_iterations`` optimiser steps over the rollout; each is split into micro-batches of whole
-     tiles whose gradients accumulate; old log-probs are kept when ``num_iterations > 1``.
+  4. ``num_iterations`` optimiser steps over the rollout (``grpo_step.policy_updates``); each is split into
+     micro-batches of whole tiles, sized by tokens, whose gradients accumulate to the one-batch gradient; old
+     log-probs are computed only when ``num_iterations > 1``, reference log-probs only when ``beta > 0``; the
+     engine's sampling log-probs correct the loss (TIS / MIS, ``rollout_correction``).
+
+With a frozen vision tower the images are encoded once per step and the features reused by every forward of
+it (``rollout.vision_cache``: rollout, old / reference log-probs, every policy pass).
 
 ``Trainer(max_steps=...)`` counts optimiser steps, i.e. ``num_iterations`` per prompt batch.
 
@@ -41,19 +46,17 @@ from peft import load_peft_weights, set_peft_model_state_dict
 from torch import nn
 
 from ..distributed.checks import shards_parameters
-from ..losses.grpo import (
-    GRPOLossConfig,
-    clipped_policy_loss,
-    group_advantages,
-)
+from ..losses.grpo import GRPOLossConfig, group_advantages
 from ..losses.grpo import (
     mask_truncated_completions as _mask_truncated,
 )
 from ..models.hf import model_inputs
 from ..rewards import OCRReward, RewardSet
-from ..rollout import Rollout, completion_logprobs, generate, tile_batch
+from ..rollout import Rollout, generate, tile_batch
+from ..rollout.vision_cache import cached_image_features
 from .base import VisionModule
 from .grpo_report import log_samples, nan_stats, rollout_metrics, sample_rows
+from .grpo_step import policy_updates
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +72,14 @@ class VisionGRPOModule(VisionModule):
 
     Model building, LoRA switches, kernels, trainable-only checkpoints and ``save_adapter`` are the shared
     base's, ``modules.base.VisionModule`` (its arguments pass through ``**kwargs``: quantization, dtype, r,
-    lora_alpha, finetune_*, use_kernels, gradient_checkpointing, scheduler...); nothing comes from the SFT
-    module, whose hooks (token-mean gradient rescaling, throughput from the batch) do not fit RL.
-    ``use_kernels`` also switches the token log-probs to ``fused_linear_token_logprobs`` on the decoder's
-    hidden states. ``train/tokens_per_s`` counts the prompt tokens of every tile plus the completions over the
-    whole step (rollout, scoring and updates).
+    lora_alpha, finetune_*, scheduler...); nothing comes from the SFT module, whose hooks (token-mean gradient
+    rescaling, throughput from the batch) do not fit RL. The SFT speed levers are the same switches with the
+    same defaults, applied by ``models.build.build_model``: ``use_kernels`` (also switches the token
+    log-probs to ``fused_linear_token_logprobs`` on the decoder's hidden states), ``fused_lora``,
+    ``frozen_vision_no_grad``, ``gradient_checkpointing`` (True, False, "mlp", "attention", "every_N"),
+    ``compile_layers``; the rollout samples from the same patched model (the fast engine merges LoRA, which
+    turns the fused LoRA forward off for the duration). ``train/tokens_per_s`` counts the prompt tokens of
+    every tile plus the completions over the whole step (rollout, scoring and updates).
 
     Args:
         model_name_or_path: hub id, local directory or ``tiny:<name>`` (see ``vlm_lightning.models.load_vlm``).
@@ -92,8 +98,23 @@ class VisionGRPOModule(VisionModule):
             see ``vlm_lightning.losses.GRPOLossConfig`` (validated at construction).
         mask_truncated_completions: drop completions without EOS from the loss (DAPO overlong filter).
         num_iterations: optimiser steps per rollout (mu in the GRPO paper); > 1 keeps old log-probs.
-        generations_per_micro_batch: how many of the G tiles (B completions each) go through one
+        generations_per_micro_batch: at most this many of the G tiles (B completions each) go through one
             forward/backward; the micro-batches' gradients accumulate into one optimiser step. None: all G.
+        max_tokens_per_micro_batch: at most this many tokens (B x (prompt + the tiles' longest completion))
+            per forward/backward of the log-prob and policy passes, whole tiles only (one tile at least; for
+            smaller micro-batches use a smaller prompt batch). The loss is normalised by the whole step's
+            counts, so the split changes neither loss nor gradient. None: no token cap.
+        cache_vision_features: encode each prompt's images once per step and reuse the features in the
+            rollout and every log-prob / policy forward (``rollout.vision_cache``; exact). Only when the vision
+            tower and the projector are frozen; with a trainable one (vision LoRA, ``finetune_projector``,
+            ``lora=False``) every forward runs the tower (the uncached path).
+        rollout_correction: "tis" (truncated importance sampling, weight min(rho, cap)), "mis" (masked: tokens
+            with rho > cap leave the loss) or None, with rho = exp(logp_trainer_old - logp_rollout) per token,
+            the engine's sampling log-probs against the trainer's (``losses.rollout_correction``). "auto": "tis"
+            when the fast engine sampled (merged weights; it returns its log-probs), None on the HF path. The
+            mismatch (KL, ratio mean/min/max, clipped or masked fraction) is logged under
+            ``train/rollout_correction/``.
+        rollout_correction_cap: the cap C of "tis" / "mis" (TRL's ``vllm_importance_sampling_cap``).
         max_grad_norm: gradient clipping by norm (None/0: off).
         optimizer: an ``OptimizerCallable`` (default AdamW, lr 1e-5).
         disable_dropout: set every dropout to p=0 so that ratios are exactly 1 and KL exactly 0 before
@@ -129,6 +150,10 @@ class VisionGRPOModule(VisionModule):
         mask_truncated_completions: bool = False,
         num_iterations: int = 1,
         generations_per_micro_batch: int | None = None,
+        max_tokens_per_micro_batch: int | None = None,
+        cache_vision_features: bool = True,
+        rollout_correction: Literal["auto", "tis", "mis"] | None = "auto",
+        rollout_correction_cap: float = 2.0,
         max_grad_norm: float | None = 1.0,
         optimizer: OptimizerCallable = _default_grpo_optimizer,
         disable_dropout: bool = True,
@@ -155,6 +180,12 @@ class VisionGRPOModule(VisionModule):
         if generations_per_micro_batch is not None and not 1 <= generations_per_micro_batch <= num_generations:
             raise ValueError(f"generations_per_micro_batch={generations_per_micro_batch}: must be in "
                              f"[1, num_generations={num_generations}]")
+        if max_tokens_per_micro_batch is not None and max_tokens_per_micro_batch < 1:
+            raise ValueError(f"max_tokens_per_micro_batch={max_tokens_per_micro_batch}: must be >= 1 (or None)")
+        if rollout_correction not in ("auto", "tis", "mis", None):
+            raise ValueError(f"rollout_correction={rollout_correction!r}: expected 'auto', 'tis', 'mis' or None")
+        if rollout_correction_cap <= 0:
+            raise ValueError(f"rollout_correction_cap={rollout_correction_cap}: must be > 0")
         if beta > 0 and not self.hparams.get("lora", True):
             raise ValueError(f"beta={beta} with lora=False: the reference policy is the model with its adapters "
                              "disabled, which a full fine-tune does not have (it would need a second copy); "
@@ -163,6 +194,7 @@ class VisionGRPOModule(VisionModule):
         self.last_samples: list[dict[str, Any]] = []
         self.last_rollout_metrics: dict[str, float] = {}
         self.last_rollout_stats: dict[str, Any] = {}
+        self._warned: set = set()  # options already warned about (once per run)
         self.rollout_backend = rollout_backend  # setup may choose "hf" where the fast path cannot run
         self.default_max_new_tokens = val_max_new_tokens or max_new_tokens  # of ``generate`` (OCRMetrics)
 
@@ -279,21 +311,6 @@ class VisionGRPOModule(VisionModule):
         return adv.view(batch_size, g).t().reshape(-1)
 
     # ------------------------------------------------------------------------------------ training step
-    def _micro_batches(self, prompt_batch: dict, n_rows: int, batch_size: int):
-        """Slices of whole tiles: (row slice, tiled inputs for those rows)."""
-        g = self.hparams.num_generations
-        k = self.hparams.generations_per_micro_batch or g
-        inputs_k = model_inputs(tile_batch(prompt_batch, k))
-        for t0 in range(0, g, k):
-            t1 = min(g, t0 + k)
-            rows = slice(t0 * batch_size, t1 * batch_size)
-            inputs = inputs_k if t1 - t0 == k else model_inputs(tile_batch(prompt_batch, t1 - t0))
-            yield rows, {key: v.to(self.device) for key, v in inputs.items()}
-
-    def _logprobs(self, inputs, ids, mask) -> torch.Tensor:
-        return completion_logprobs(self.model, inputs, ids, mask, temperature=self.hparams.temperature,
-                                   use_kernels=self.hparams.use_kernels)
-
     def training_step(self, batch: dict | None, batch_idx: int):
         if batch is None:  # every row of the batch was skipped by the collator
             return None
@@ -301,59 +318,30 @@ class VisionGRPOModule(VisionModule):
         hp = self.hparams
         t0 = time.perf_counter()
         bsz = batch["input_ids"].shape[0]
-        tiled, comp = self.generate_completions(batch, hp.num_generations)
-        rewards, per_fn = self.score(tiled, comp)
-        adv = self.advantages(rewards, bsz).to(self.device)
-        ids, mask = comp.completion_ids.to(self.device), comp.completion_mask.to(self.device)
-        if hp.mask_truncated_completions:
-            mask = _mask_truncated(mask, comp.truncated.to(self.device))
-        n_active = mask.sum()
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if world > 1:
-            n_active = self.trainer.strategy.reduce(n_active.float(), reduce_op="sum")
-        micro = list(self._micro_batches(batch, ids.shape[0], bsz))
-
-        old_logps: list[torch.Tensor | None] = [None] * len(micro)
-        ref_logps: list[torch.Tensor | None] = [None] * len(micro)
-        with torch.no_grad():
-            for j, (rows, inputs) in enumerate(micro):
-                if hp.num_iterations > 1:
-                    old_logps[j] = self._logprobs(inputs, ids[rows], mask[rows]).detach()
-                if hp.beta > 0:
-                    with self.reference_policy():
-                        ref_logps[j] = self._logprobs(inputs, ids[rows], mask[rows]).detach()
-
-        opt = self.optimizers()
-        sched = self.lr_schedulers()
-        sums: dict[str, float] = {}
-        for _ in range(hp.num_iterations):
-            opt.zero_grad()
-            for j, (rows, inputs) in enumerate(micro):
-                logp = self._logprobs(inputs, ids[rows], mask[rows])
-                loss, m = clipped_policy_loss(logp, old_logps[j], adv[rows], mask[rows], self.loss_config,
-                                              ref_logp=ref_logps[j], num_items_in_batch=n_active,
-                                              grad_accum_steps=len(micro), world_size=world)
-                self.check_finite(loss, "loss", batch.get("row_index"))  # before backward and step
-                self.manual_backward(loss)
-                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-                for key, v in m.items():
-                    sums[key] = sums.get(key, 0.0) + float(v) / (len(micro) * hp.num_iterations)
-            self.check_finite_grad_norm(batch.get("row_index"))
-            if hp.max_grad_norm:
-                self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
-            opt.step()
-            if sched is not None:
-                sched.step()
-        sums["loss"] /= hp.num_iterations
+        with cached_image_features(self.model, model_inputs(batch, self.device), hp.cache_vision_features) as cache:
+            tiled, comp = self.generate_completions(batch, hp.num_generations)
+            t_rollout = time.perf_counter() - t0
+            rewards, per_fn = self.score(tiled, comp)
+            adv = self.advantages(rewards, bsz).to(self.device)
+            ids, mask = comp.completion_ids.to(self.device), comp.completion_mask.to(self.device)
+            if hp.mask_truncated_completions:
+                mask = _mask_truncated(mask, comp.truncated.to(self.device))
+            n_active = mask.sum()
+            world = self.trainer.world_size if self._trainer is not None else 1
+            if world > 1:
+                n_active = self.trainer.strategy.reduce(n_active.float(), reduce_op="sum")
+            sums = policy_updates(self, batch, comp, ids, mask, adv, n_active, world)
+        self.last_rollout_stats["vision_cache"] = dict(cache.stats) if cache is not None else None
 
         metrics = rollout_metrics(rewards, per_fn, adv, comp, hp.num_generations, bsz)
         metrics.update(sums)
-        metrics["lr"] = opt.param_groups[0]["lr"]
+        metrics["lr"] = self.optimizers().param_groups[0]["lr"]
         # throughput of the whole step (rollout + scoring + updates): prompt tokens of every tile + completions
         dt = max(time.perf_counter() - t0, 1e-9)
         n_completion = float(comp.completion_mask.sum())
         metrics["tokens_per_s"] = (float(tiled["attention_mask"].sum()) + n_completion) / dt
         metrics["completion_tokens_per_s"] = n_completion / dt
+        metrics["time/rollout_s"], metrics["time/step_s"] = t_rollout, dt
         self.last_rollout_metrics = metrics
         self.log_dict({f"train/{k}": v for k, v in metrics.items() if not math.isnan(v)}, on_step=True,
                       prog_bar=False, batch_size=bsz, sync_dist=True)

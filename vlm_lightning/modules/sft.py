@@ -36,8 +36,8 @@ from vlm_lightning.models.hf import (
     decoder_hidden_states,
     final_logit_softcap,
     lm_head_weight,
-    model_inputs,
 )
+from vlm_lightning.models.packing import forward_inputs
 
 from .base import VisionModule
 
@@ -72,7 +72,7 @@ class VisionSFTModule(VisionModule):
         """(sum of supervised token losses / normalizer, number of supervised tokens) for one batch."""
         labels = batch["labels"]
         hf = self.hf_model
-        hidden = decoder_hidden_states(hf, model_inputs(batch), labels)  # (B, T, H)
+        hidden = decoder_hidden_states(hf, forward_inputs(hf, batch), labels)  # (B, T, H); packed: B = 1
         n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum()
         fused = bool(self.hparams.use_kernels)
         weight = lm_head_weight(hf) if fused else None
@@ -102,8 +102,10 @@ class VisionSFTModule(VisionModule):
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", mean, prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
         if self._trainer is not None and self.trainer.optimizers:
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
-                     batch_size=bs)
+            groups = self.trainer.optimizers[0].param_groups
+            self.log("train/lr", groups[0]["lr"], on_step=True, on_epoch=False, batch_size=bs)
+            for k, group in enumerate(groups if len(groups) > 1 else ()):  # lr_vision / lr_projector / lr_language
+                self.log(f"train/lr_{group.get('name', k)}", group["lr"], on_step=True, on_epoch=False, batch_size=bs)
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -129,8 +131,8 @@ class VisionSFTModule(VisionModule):
         dt = max(now - self._t_last, 1e-9)
         self._t_last = now
         bs = batch["input_ids"].shape[0]
-        self.log("train/tokens_per_s", batch["attention_mask"].sum().float() / dt, on_step=True, on_epoch=False,
-                 batch_size=bs)
+        tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()  # packed
+        self.log("train/tokens_per_s", float(tokens) / dt, on_step=True, on_epoch=False, batch_size=bs)
         self.log("train/images_per_s", count_images(batch) / dt, on_step=True, on_epoch=False, batch_size=bs)
 
     def on_train_epoch_start(self) -> None:

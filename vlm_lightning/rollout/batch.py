@@ -15,7 +15,7 @@ Example:
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -74,11 +74,45 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
 def extend_inputs(inputs: Mapping[str, torch.Tensor], completion_ids: torch.Tensor,
                   completion_mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Prompt + completion as one forward input: ids and attention mask concatenated, token-type ids
-    extended with zeros (completion tokens are text); vision tensors unchanged. (N, P) + (N, C) -> (N, P + C)."""
+    extended with zeros (completion tokens are text), Llama 3.2 Vision's ``cross_attention_mask`` with the prompt's last
+    row; other vision tensors unchanged. (N, P) + (N, C) -> (N, P + C)."""
     out = dict(inputs)
     out["input_ids"] = torch.cat([inputs["input_ids"], completion_ids.to(inputs["input_ids"])], dim=1)
     out["attention_mask"] = torch.cat([inputs["attention_mask"], completion_mask.to(inputs["attention_mask"])], dim=1)
     for k in ("token_type_ids", "mm_token_type_ids"):
         if k in inputs:
             out[k] = torch.cat([inputs[k], torch.zeros_like(completion_ids).to(inputs[k])], dim=1)
+    if "cross_attention_mask" in inputs:  # Llama 3.2 Vision, (N, P, images, tiles): as in HF generate, a completion
+        xm = inputs["cross_attention_mask"]  # token sees the images the prompt's last token sees
+        out["cross_attention_mask"] = torch.cat([xm, xm[:, -1:].expand(-1, completion_ids.shape[1], *xm.shape[2:])], 1)
     return out
+
+
+def plan_tile_micro_batches(tile_tokens: Sequence[int], max_tokens: int | None = None,
+                            max_tiles: int | None = None) -> list[tuple[int, int]]:
+    """Group consecutive tiles into micro-batches: [(first tile, end tile), ...] covering every tile once.
+
+    Args:
+        tile_tokens: the forward cost of each tile in tokens (B rows x (prompt + kept completion width)).
+        max_tokens: a micro-batch holds as many consecutive tiles as fit in this many tokens (at least one,
+            so a single tile larger than the budget is a micro-batch of its own). None: no token budget.
+        max_tiles: at most this many tiles per micro-batch (``generations_per_micro_batch``). None: no limit.
+
+    Example:
+        >>> plan_tile_micro_batches([300, 300, 100, 500], max_tokens=700)
+        [(0, 3), (3, 4)]
+    """
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens_per_micro_batch={max_tokens}: must be >= 1")
+    plan: list[tuple[int, int]] = []
+    start, used = 0, 0
+    for t, cost in enumerate(tile_tokens):
+        full = (max_tiles is not None and t - start >= max_tiles) or \
+            (max_tokens is not None and t > start and used + cost > max_tokens)
+        if full:
+            plan.append((start, t))
+            start, used = t, 0
+        used += cost
+    if len(tile_tokens):
+        plan.append((start, len(tile_tokens)))
+    return plan

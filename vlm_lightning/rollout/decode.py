@@ -30,7 +30,8 @@ from ..models.families import get_family_spec
 from ..models.hf import text_config, unwrap_model
 
 #: Text decoders whose one-token step ``DecodeStep`` reproduces (checked against transformers 5.17 and 5.24).
-SUPPORTED_TEXT_MODEL_TYPES = ("qwen2_vl_text", "qwen2_5_vl_text", "gemma3_text", "llama", "mistral", "qwen2")
+SUPPORTED_TEXT_MODEL_TYPES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "gemma3_text", "llama", "mistral",
+                              "qwen2")  # qwen3_vl_text: q/k norms; its deepstack features only touch prompt tokens
 
 
 def _language_model(hf: nn.Module) -> nn.Module:

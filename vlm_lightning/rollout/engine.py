@@ -225,6 +225,7 @@ def _fast_generate(hf, inputs, g, max_new_tokens, temperature, top_p, top_k, eos
     tokens = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     all_logits: list[torch.Tensor] = []
+    sample_lp = torch.zeros(n, max_new_tokens, dtype=torch.float32, device=device)  # the engine's log-probs
     run = None
     graph_error = None
     t1 = time.perf_counter()
@@ -250,6 +251,8 @@ def _fast_generate(hf, inputs, g, max_new_tokens, temperature, top_p, top_k, eos
         nxt = sample_next(logits, temperature, top_k, top_p, suppress, generator)
         nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
         tokens[:, t] = nxt
+        if temperature > 0:  # log_softmax(logits / T) at the token: what the trainer's completion_logprobs computes
+            sample_lp[:, t] = torch.log_softmax(logits / temperature, -1).gather(1, nxt[:, None]).squeeze(1)
         finished |= torch.isin(nxt, eos_t) if len(eos) else torch.zeros_like(finished)
         step.ids.copy_(nxt)
         steps = t + 1
@@ -263,9 +266,10 @@ def _fast_generate(hf, inputs, g, max_new_tokens, temperature, top_p, top_k, eos
     ids, cmask, truncated, rejected, texts = finish_completions(tokens[:, :steps], eos, pad, stop_strings, tokenizer,
                                                                 forbidden_ids)
     logits_out = torch.stack(all_logits, 1)[:, : ids.shape[1]] if return_logits else None
+    sampling_lp = sample_lp[:, : ids.shape[1]] * cmask.to(sample_lp) if temperature > 0 else None  # (N, C)
     stats = {"prefill_s": t_prefill, "decode_s": t_decode, "steps": steps, "new_tokens": int(cmask.sum()),
              "rows": n, "prompt_len": p, "graph_error": graph_error}
     return Rollout(prompt_ids=prompt_ids.repeat(g, 1), prompt_mask=prompt_mask.repeat(g, 1), completion_ids=ids,
                    completion_mask=cmask, truncated=truncated, rejected=rejected, texts=texts, logits=logits_out,
-                   backend="fast+cuda_graph" if graphed else "fast", stats=stats)
+                   backend="fast+cuda_graph" if graphed else "fast", stats=stats, sampling_logprobs=sampling_lp)
 

@@ -2,7 +2,7 @@
 
 Rows are in tile order: N = B * G rows, row ``g * B + b`` is sample g of prompt b (see ``batch.tile_batch``).
 The completions are masked once, where they are sampled (``masks.finish_completions``); nothing downstream
-re-masks them. Left out: rewards, advantages and log-probs, which the GRPO module computes from this.
+re-masks them. Left out: rewards, advantages and the trainer's log-probs, which the GRPO module computes from this.
 
 Example:
     >>> out = fast_generate(model, inputs, num_generations=8, max_new_tokens=256, eos_token_ids=[151645])
@@ -28,3 +28,7 @@ class Rollout(NamedTuple):
     logits: torch.Tensor | None  # (N, C, V) float32 raw next-token logits (``return_logits=True``), else None
     backend: str  # "fast", "fast+cuda_graph" or "hf_generate"
     stats: dict  # prefill_s, decode_s, steps, new_tokens, rows, prompt_len, merged_layers
+    # (N, C) float32 the engine's own log-probs of the sampled tokens, log_softmax(raw logits / temperature) at
+    # the token (before top-k / top-p, as the trainer's ``completion_logprobs``); 0 outside the mask. Only the
+    # fast engine returns them (its numerics differ from the trainer's: merged LoRA, own attention); else None.
+    sampling_logprobs: torch.Tensor | None = None

@@ -1,11 +1,10 @@
 """GGUF layouts: llama.cpp metadata keys and tensor names of each text architecture and mmproj projector.
 
 Which family gets which layout is a fact of the family table (``models.families``: ``gguf_text_arch``,
-``gguf_projector``, ``gguf_refusal``); ``layout_for_config`` reads it and picks the converters here, which are
-keyed by llama.cpp's own names. They mirror llama.cpp's `convert_hf_to_gguf.py` (conversion/qwenvl.py,
-gemma.py, llava.py, mistral3.py at the commit vendored in llama-cpp-python 0.3.36); the vision block names come
-from gguf-py's own MMPROJ tensor map, as in that converter. The converters take a weight's name relative to its
-part (``writer.split_name``: text / vision / projector).
+``gguf_projector``, ``gguf_refusal``); ``layout_for_config`` reads it and picks the converters here, which are keyed by
+llama.cpp's own names. They mirror llama.cpp's `convert_hf_to_gguf.py` (conversion/qwenvl.py, gemma.py, llava.py,
+mistral3.py at the commit vendored in llama-cpp-python 0.3.36); the vision block names come from gguf-py's own MMPROJ
+tensor map, as in that converter. Converters take a weight's name inside its part (``writer.split_name``).
 """
 from __future__ import annotations
 
@@ -19,6 +18,9 @@ import gguf
 import numpy as np
 
 from vlm_lightning.models.families import FAMILIES, get_family_spec
+
+from .llava_next import LLAVA_NEXT_MMPROJ
+from .qwen3vl import qwen3vl_text_kv, qwen3vl_vision_kv, qwen3vl_vision_tensors
 
 __all__ = ["GGUFLayout", "SUPPORTED_GGUF_FAMILIES", "UnsupportedGGUFFamily", "layout_for_config", "permute_rope"]
 
@@ -364,14 +366,16 @@ def _img_break(get_text: Callable[[str], np.ndarray], cfg: dict, tokenizer_ids: 
 # converters by llama.cpp name: (text_kv, text_transform) per text arch, (vision_kv, vision_tensors, extra) per
 # projector type
 _TEXT = {"qwen2vl": (_qwen_text_kv, None), "gemma3": (_gemma3_text_kv, _gemma3_text_transform),
-         "llama": (_llama_text_kv, _llama_text_transform), "mistral3": (_llama_text_kv, _llama_text_transform)}
+         "llama": (_llama_text_kv, _llama_text_transform), "mistral3": (_llama_text_kv, _llama_text_transform),
+         "qwen3vl": (qwen3vl_text_kv, None)}
 _QWEN_MMPROJ = (_qwen_vision_kv, _qwen_vision_tensors, None)
 _MMPROJ = {"qwen2vl_merger": _QWEN_MMPROJ, "qwen2.5vl_merger": _QWEN_MMPROJ,
            "gemma3": (_gemma3_vision_kv, _gemma3_vision_tensors, None),
-           "pixtral": (_pixtral_vision_kv, _pixtral_vision_tensors, _img_break)}
+           "pixtral": (_pixtral_vision_kv, _pixtral_vision_tensors, _img_break), "mlp": LLAVA_NEXT_MMPROJ,
+           "qwen3vl_merger": (qwen3vl_vision_kv, qwen3vl_vision_tensors, None)}
 #: Families with a GGUF export (text model + mmproj that llama.cpp loads).
 SUPPORTED_GGUF_FAMILIES = tuple(name for name, spec in FAMILIES.items() if spec.gguf_text_arch)
-_SUPPORTED = "qwen2_vl, qwen2_5_vl, gemma3, pixtral (LlavaForConditionalGeneration + pixtral vision), mistral3"
+_SUPPORTED = "qwen2_vl, qwen2_5_vl, qwen3_vl, gemma3, pixtral (LLaVA + pixtral vision tower), mistral3, llava_next"
 
 
 def layout_for_config(cfg: dict) -> GGUFLayout:

@@ -22,7 +22,8 @@ from safetensors import safe_open
 
 from ..atomic import atomic_file
 from ..hub import push_folder
-from .arch import layout_for_config
+from .arch import UnsupportedGGUFFamily, layout_for_config
+from .llava_next import MMPROJ_CAVEAT as LLAVA_NEXT_CAVEAT
 from .vocab import write_vocab
 
 __all__ = ["GGUF_QUANTS", "kquant_backend", "to_gguf"]
@@ -51,6 +52,8 @@ def split_name(key: str) -> tuple[str, str]:
     """('text'|'lm_head'|'vision'|'projector'|'other', rest) for an on-disk weight name."""
     if key in ("lm_head.weight", "language_model.lm_head.weight", "model.lm_head.weight"):
         return "lm_head", "weight"
+    if key in ("image_newline", "model.image_newline"):  # LLaVA-NeXT's row separator, beside the projector
+        return "projector", "image_newline"
     for p in _TEXT_PREFIXES:
         if key.startswith(p):
             return "text", key[len(p):]
@@ -280,14 +283,17 @@ def to_gguf(
     keep_intermediate: bool = False,
     push_to_hub: str | None = None,
     private: bool = True,
+    approximate_mmproj: bool = False,
 ) -> dict[str, Path]:
     """Export a merged VLM folder to GGUF for llama.cpp; returns {"model": path, "mmproj": path}.
 
     `quant` is one of f32, f16, bf16, q8_0 (written in Python) or q4_k_m, q5_k_m, q6_k (llama.cpp's
     quantiser, through llama-cpp-python or `llama-quantize`). Vision tower + projector always go to
-    `mmproj-<name>-<mmproj_quant>.gguf` (f16 or f32). Families: Qwen2-VL, Qwen2.5-VL, Gemma 3, Pixtral,
+    `mmproj-<name>-<mmproj_quant>.gguf` (f16 or f32). Families: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, Pixtral,
     Mistral 3; any other raises `UnsupportedGGUFFamily` before a file is written (never a silent
-    text-only export). `tokenizer_pre` overrides the detected llama.cpp pre-tokenizer name.
+    text-only export). `tokenizer_pre` overrides the detected llama.cpp pre-tokenizer name. LLaVA-NeXT: the text
+    GGUF is exact, but llama.cpp's image path cannot reproduce its anyres token layout (``llava_next.py``), so its
+    mmproj raises unless `approximate_mmproj=True` (or `mmproj=False` for the text model alone).
 
     Example:
         >>> to_gguf("runs/demo/merged", "runs/demo/gguf", quant="q8_0")  # doctest: +SKIP
@@ -304,6 +310,11 @@ def to_gguf(
         raise ValueError(f"{model_dir} is a LoRA adapter: merge it first (merge_lora / `vlm-lightning export merge`)")
     cfg = _read_config(model_dir)
     fam = layout_for_config(cfg)  # raises for unsupported families before anything is written
+    if mmproj and fam.projector_type == "mlp" and not approximate_mmproj:
+        raise UnsupportedGGUFFamily(
+            f"GGUF mmproj of {fam.name!r} is not exact: {LLAVA_NEXT_CAVEAT}. Export the (exact) text model alone "
+            "with mmproj=False (`--no-mmproj`), or write the approximate mmproj with approximate_mmproj=True "
+            "(`--approximate-mmproj`); no GGUF file was written")
     backend = None
     if quant in _K_QUANTS:
         backend = kquant_backend()

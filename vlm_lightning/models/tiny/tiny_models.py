@@ -16,6 +16,8 @@ Sizes (about 0.2M parameters, under 1 MB): text hidden 64, 2 layers, 4 heads / 2
     pixtral         [IMG] (+BREAK/END)      16       8  patch 16, longest edge 64, no merge
     gemma3          <image_soft_token>       4       4  resized to 56x56, 4x4 patches pooled to 2x2
     mistral3(_small)[IMG] (+BREAK/END)       4       8  patch 14, merge 2, longest edge 112
+    qwen3_vl        <|image_pad|>            4       8  patch 16, merge 2 (56 px -> 64 px), in qwen3_vl.py
+    mllama          <|image|>                1       1  cross-attention; 28 px tiles, at most 2, in mllama.py
 
 Every constant tensor of the fresh init (norm weights, biases, Gemma's zero projector) gets a small
 deterministic perturbation, as in a trained checkpoint.
@@ -26,10 +28,7 @@ tool-calling branches of the real templates.
 
 from __future__ import annotations
 
-import copy
-import math
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,7 +43,6 @@ from transformers import (
     LlavaNextProcessor,
     PixtralImageProcessor,
     PixtralProcessor,
-    PretrainedConfig,
     Qwen2_5_VLProcessor,
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
@@ -52,29 +50,10 @@ from transformers import (
 )
 
 from . import chat_templates
+from .common import _QWEN_SPECIALS, _TEXT, _Built, _padded_vocab, _resolve
+from .mllama import build_mllama, open_gates
+from .qwen3_vl import build_qwen3_vl
 from .tokenizer import build_tokenizer
-
-# Text decoder shared by all families (the vision side is per family).
-_TEXT = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=4096,
-)
-
-
-@dataclass
-class _Built:
-    """What a family builder returns: the model config and the processor (tokenizer inside)."""
-
-    config: PretrainedConfig
-    processor: Any
-    eos_token_ids: list[int]
-    pad_token_id: int
-    bos_token_id: int | None
 
 
 @torch.no_grad()
@@ -90,61 +69,7 @@ def _perturb_constant_tensors(model: torch.nn.Module, std: float = 0.05) -> None
             param.add_(torch.randn_like(param) * std)
 
 
-def _padded_vocab(n: int, multiple: int = 64) -> int:
-    # The real Qwen / LLaVA / Gemma checkpoints pad the embedding matrix past len(tokenizer); we keep
-    # that quirk so code that assumes vocab_size == len(tokenizer) fails here too.
-    return int(math.ceil(n / multiple) * multiple)
-
-
-def _resolve(cfg: dict, overrides: dict) -> dict:
-    """Merge `overrides` into `cfg` and re-derive the fields that depend on the sizes, unless overridden.
-
-    So `text_config={"hidden_size": 128}` alone gives a consistent model: head_dim = hidden / heads,
-    Qwen's vision output width = text width and its mrope_section re-split over head_dim / 2,
-    Gemma's query_pre_attn_scalar = head_dim.
-    """
-    out = _merge(cfg, overrides)
-    text, text_over = out["text_config"], overrides.get("text_config", {})
-    vision_over = overrides.get("vision_config", {})
-    if "head_dim" in text and "head_dim" not in text_over:
-        text["head_dim"] = text["hidden_size"] // text["num_attention_heads"]
-    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
-    if out["model_type"] in ("qwen2_vl", "qwen2_5_vl"):
-        width_key = "hidden_size" if out["model_type"] == "qwen2_vl" else "out_hidden_size"
-        if width_key not in vision_over:
-            out["vision_config"][width_key] = text["hidden_size"]
-        if "rope_parameters" not in text_over:
-            half, hw = head_dim // 2, 3 * (head_dim // 2) // 8  # real: [16, 24, 24] of 64
-            text["rope_parameters"]["mrope_section"] = [half - 2 * hw, hw, hw]
-    if out["model_type"] == "gemma3" and "query_pre_attn_scalar" not in text_over:
-        text["query_pre_attn_scalar"] = head_dim
-    if "layer_types" in text and "layer_types" not in text_over:
-        # Gemma 3 interleaves sliding-window and global layers (5:1 in the real models; 1:1 here).
-        text["layer_types"] = [
-            "full_attention" if (i + 1) % 2 == 0 else "sliding_attention" for i in range(text["num_hidden_layers"])
-        ]
-    return out
-
-
-def _merge(base: dict, overrides: dict) -> dict:
-    """Recursive dict merge: nested dicts (text_config, vision_config) merge key by key."""
-    out = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 # ----------------------------------------------------------------------------------------- Qwen-VL
-_QWEN_SPECIALS = [  # the real order (ids 151643..151656 in the real vocabulary)
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-]
-
-
 def _build_qwen(family: str, overrides: dict, processor_kwargs: dict) -> _Built:
     tok = build_tokenizer(
         leading=[], trailing=_QWEN_SPECIALS, eos="<|im_end|>", pad="<|endoftext|>",
@@ -331,10 +256,12 @@ _BUILDERS: dict[str, Callable[[str, dict, dict], _Built]] = {
     "gemma3": _build_gemma3,
     "mistral3": _build_mistral_family,
     "mistral3_small": _build_mistral_family,
+    "qwen3_vl": build_qwen3_vl,
+    "mllama": build_mllama,
 }
 
 TINY_FAMILIES: tuple[str, ...] = (
-    "qwen2_vl", "qwen2_5_vl", "llava_next", "pixtral", "gemma3", "mistral3", "mistral3_small",
+    "qwen2_vl", "qwen2_5_vl", "llava_next", "pixtral", "gemma3", "mistral3", "mistral3_small", "qwen3_vl", "mllama",
 )
 
 
@@ -386,6 +313,8 @@ def make_tiny_vlm(
     torch.manual_seed(seed * 1_000_003 + zlib.crc32(family.encode()) % 1_000_003)
     model = AutoModelForImageTextToText.from_config(built.config, dtype=torch.float32)
     _perturb_constant_tensors(model)
+    if family == "mllama":
+        open_gates(model)
     model.eval()
     model.generation_config = GenerationConfig(
         bos_token_id=built.bos_token_id, eos_token_id=built.eos_token_ids, pad_token_id=built.pad_token_id,
