@@ -74,7 +74,9 @@ class VisionModule(L.LightningModule):
         gradient_checkpointing: non-reentrant activation checkpointing (saves memory, costs ~30% time):
             True/"full" (every decoder layer), False/"none", or a selective mode of ``models.levers``:
             "mlp" / "attention" (only that sub-block of each decoder layer is recomputed), "every_N" (every
-            N-th decoder layer is checkpointed, the others keep their activations: faster, more memory).
+            N-th decoder layer is checkpointed, the others keep their activations: faster, more memory),
+            "lean" / "offload" (``models.checkpointing``: the recompute skips the frozen ``down_proj`` GEMM;
+            "offload" keeps the layer inputs in pinned host memory; one device only: the fastest at <= 20 GiB).
         optimizer: e.g. ``torch.optim.AdamW`` with ``init_args: {lr: 2e-4}`` in YAML (default AdamW lr 2e-4).
         scheduler: an ``LRSchedulerCallable`` stepped every optimizer step, or None.
         lr_vision, lr_projector, lr_language: learning rate of the vision tower's, the projector's and the
@@ -177,6 +179,11 @@ class VisionModule(L.LightningModule):
         if self.model is not None:
             return
         hp = self.hparams
+        mode = parse_checkpointing(hp.gradient_checkpointing)
+        if mode in ("lean", "offload") and self._trainer is not None and self.trainer.world_size > 1:
+            raise ValueError(f"gradient_checkpointing={mode!r} runs on one device only (its recompute accumulates "
+                             "the gradients inside the backward, as reentrant checkpointing does, which is not "
+                             "tested with DDP/FSDP/DeepSpeed); use 'full' with a multi-device strategy")
         model, processor = build_model(
             hp.model_name_or_path, quantization=hp.quantization, dtype=hp.dtype,
             attn_implementation=hp.attn_implementation, trust_remote_code=hp.trust_remote_code,
