@@ -13,6 +13,7 @@ import yaml
 
 from vlm_lightning.cli import main
 from vlm_lightning.demo.data import make_demo_ocr_dataset
+from vlm_lightning.models.tiny import resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes/demo/grpo_cpu.yaml"
@@ -39,8 +40,6 @@ def test_shifted_rendering_keeps_the_strings_and_the_old_default(tmp_path):
 
 
 def test_grpo_demo_recipe_trains_and_reports_cer_before_and_after(tmp_path, monkeypatch, capsys):
-    from vlm_lightning.models.tiny import resolve_model_path
-
     makefile = (ROOT / "Makefile").read_text()
     body = makefile.split("\ndemo-grpo:", 1)[1].split("\n\n", 1)[0]
     assert f"vlm-lightning fit --config {RECIPE.relative_to(ROOT)}" in body

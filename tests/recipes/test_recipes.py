@@ -2,8 +2,8 @@
 command's configs parse with ``cli_main(["fit", "--config", ..., "--print_config"])`` and the printed config
 parses back to itself. Strategy recipes (recipes/strategies/) are overlays: their first line names the model
 recipe they sit on. Every model recipe is also built (``run=False``: the module, data module and Trainer,
-not the weights) so its module's own checks run. The demo recipe runs end to end, at a reduced step count,
-in tests/demo/test_demo.py.
+not the weights) so its module's own checks run. The demo recipes run end to end, at a reduced step count,
+in tests/demo/test_demo.py and tests/demo/test_demo_grpo.py.
 """
 from __future__ import annotations
 
