@@ -186,7 +186,7 @@ def test_generation_batch_left_padded_prompt_only(family):
     for prompt, row in zip(batch["prompts"], rows):
         assert "Done." not in prompt and "hello there" not in prompt
         messages = strip_image_refs(row["messages"])
-        if name == "mllama" and any(p["type"] == "image" for m in messages for p in m["content"]):
+        if name == "mllama" and any(p["type"] == "image" for m in row["messages"] for p in m["content"]):
             messages = fold_system_turn(messages)  # its template refuses a system turn with images
         full = render_chat(processor, messages, add_generation_prompt=False)
         assert full.startswith(prompt.rstrip()) or name in ("pixtral",)  # pixtral moves the system prompt
@@ -284,3 +284,16 @@ def test_bad_image_skip_counts(family, tmp_path):
     collator = VisionChatCollator(processor, on_bad_example="skip")
     batch = collator([bad, _text_only()])
     assert collator.num_skipped == 1 and batch["input_ids"].shape[0] == 1
+
+
+def test_mllama_system_prompt_rendered_as_text_and_folded_with_images(tiny_vlm_dir):
+    """Llama 3.2 Vision: a text-only row's system prompt lands in its system turn as text (its template trims
+    ``messages[0]['content']``, which would print a list's repr); with an image it is folded into the user turn."""
+    processor, _ = _load(str(tiny_vlm_dir("mllama")))
+    collator = VisionChatCollator(processor)
+    text_row = normalize_row({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+                             0, FormatOptions(system_prompt="Be brief."))
+    assert "Today Date: 26 Jul 2024\n\nBe brief.<|eot_id|>" in collator.encode_row(text_row).prompt
+    image_prompt = collator.encode_row(_two_turn(system="Be brief.")).prompt
+    assert "<|start_header_id|>system" not in image_prompt
+    assert "<|start_header_id|>user<|end_header_id|>\n\nBe brief.\n\n<|image|>Read it.<|eot_id|>" in image_prompt

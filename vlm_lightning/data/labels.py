@@ -37,12 +37,16 @@ def text_of(message: Mapping[str, Any]) -> str:
 
 
 def strip_image_refs(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """Messages for the chat template: image parts become bare ``{"type": "image"}``."""
+    """Messages for the chat template: image parts become bare ``{"type": "image"}``; a system turn of text parts
+    becomes one string (Llama 3.2 Vision's template writes ``messages[0]['content']|trim``, a list's repr)."""
     out = []
     for m in messages:
         parts = [{"type": "image"} if p["type"] == "image" else {"type": "text", "text": p["text"]}
                  for p in m["content"]]
-        out.append({"role": m["role"], "content": parts})
+        if m["role"] == "system" and all(p["type"] == "text" for p in parts):
+            out.append({"role": "system", "content": "".join(p["text"] for p in parts)})
+        else:
+            out.append({"role": m["role"], "content": parts})
     return out
 
 
