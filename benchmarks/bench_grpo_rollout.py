@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -252,15 +251,10 @@ def main():
                "--new-tokens", str(args.new_tokens), "--text-len", str(args.text_len),
                "--image-side", str(args.image_side), "--agree-steps", str(args.agree_steps),
                "--grpo-steps", str(args.grpo_steps)] + (["--tiny"] if args.tiny else [])
-        t = time.perf_counter()
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
-        if r.returncode != 0 or not line:
-            print(f"[{arm}] FAILED rc={r.returncode}\n{r.stderr[-3000:]}", flush=True)
-            results[arm] = {"arm": arm, "error": r.stderr[-1500:]}
+        res = utils.run_child(arm, cmd)
+        if "error" in res:
+            results[arm] = res
             continue
-        res = json.loads(line[-1][7:])
-        res["wall_s"] = time.perf_counter() - t
         results[arm] = res
         brief = {k: v for k, v in res.items() if not isinstance(v, (dict, list))}
         print(f"[{arm}] {json.dumps(brief)}", flush=True)

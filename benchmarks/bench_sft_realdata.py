@@ -23,7 +23,6 @@ import inspect
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -198,14 +197,11 @@ def main():
         cmd = [sys.executable, __file__, "--child", arm, "--model-dir", str(args.model_dir), "--data", str(args.data),
                "--batch", str(args.batch), "--max-tokens", str(args.max_tokens), "--warmup", str(args.warmup),
                "--checkpointing", args.checkpointing] + (["--tiny"] if args.tiny else [])
-        t = time.perf_counter()
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
-        if r.returncode != 0 or not line:
-            print(f"[{arm}] FAILED rc={r.returncode}\n{r.stderr[-3000:]}", flush=True)
-            results[arm] = {"error": r.stderr[-1500:]}
+        res = utils.run_child(arm, cmd)
+        if "error" in res:
+            results[arm] = res
             continue
-        results[arm] = {**json.loads(line[-1][7:]), "wall_s": time.perf_counter() - t}
+        results[arm] = res
         print(f"[{arm}] {results[arm]['samples_per_s']:.2f} samples/s, "
               f"{results[arm]['supervised_tokens_per_s']:.0f} supervised tok/s, peak {results[arm]['peak_gib']}",
               flush=True)

@@ -309,21 +309,19 @@ def main():
     t0 = time.perf_counter()
     prepare_model_dir(args.model_dir, args.tiny)
     print(f"model dir ready in {time.perf_counter() - t0:.1f}s: {args.model_dir}", flush=True)
+    unknown = [a for a in args.arms.split(",") if a not in ARMS and a not in OURS_ARMS]
+    if unknown:
+        raise SystemExit(f"--arms: unknown {', '.join(unknown)}; arms: {', '.join(dict.fromkeys([*ARMS, *OURS_ARMS]))}")
     results = {}
     for arm in args.arms.split(","):
         cmd = [sys.executable, __file__, "--child", arm, "--model-dir", str(args.model_dir),
                "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--image-side", str(args.image_side)]
         cmd += (["--tiny"] if args.tiny else []) + child_flags(args)
-        t = time.perf_counter()
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
-        if r.returncode != 0 or not line:
-            print(f"[{arm}] FAILED rc={r.returncode}\n{r.stderr[-3000:]}", flush=True)
-            results[arm] = {"arm": arm, "error": r.stderr[-1500:]}
+        res = utils.run_child(arm, cmd)
+        if "error" in res:
+            results[arm] = res
             continue
-        res = json.loads(line[-1][7:])
-        res["wall_s"] = time.perf_counter() - t
         results[arm] = res
         print(f"[{arm}] {res['tokens_per_s']:.0f} tok/s, peak {res['peak_gib']} GiB, "
               f"losses {[round(x, 4) for x in res['losses'][:5]]}", flush=True)

@@ -290,3 +290,15 @@ def cap_gpu_memory(gib: float) -> None:
     if gib and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(0).total_memory / 2**30
         torch.cuda.set_per_process_memory_fraction(min(1.0, gib / total))
+
+
+def run_child(arm: str, cmd: list[str]) -> dict:
+    """Run one benchmark arm in its own process (``cmd`` prints ``RESULT <json>``): its result with ``wall_s``,
+    or ``{"arm", "error"}`` (stderr's tail, also printed) when it fails."""
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+    if r.returncode != 0 or not line:
+        print(f"[{arm}] FAILED rc={r.returncode}\n{r.stderr[-3000:]}", flush=True)
+        return {"arm": arm, "error": r.stderr[-1500:]}
+    return {**json.loads(line[-1][7:]), "wall_s": time.perf_counter() - t}

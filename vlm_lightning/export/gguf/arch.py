@@ -21,6 +21,7 @@ from vlm_lightning.models.families import FAMILIES, get_family_spec
 
 from .llava_next import LLAVA_NEXT_MMPROJ
 from .qwen3vl import qwen3vl_text_kv, qwen3vl_vision_kv, qwen3vl_vision_tensors
+from .text_kv import text_common
 
 __all__ = ["GGUFLayout", "SUPPORTED_GGUF_FAMILIES", "UnsupportedGGUFFamily", "layout_for_config", "permute_rope"]
 
@@ -62,16 +63,6 @@ class GGUFLayout:
 
 # ----------------------------------------------------------------------------------------------------
 # shared metadata
-
-
-def _text_common(w: gguf.GGUFWriter, t: dict) -> None:
-    w.add_block_count(t["num_hidden_layers"])
-    w.add_context_length(t.get("max_position_embeddings", 4096))
-    w.add_embedding_length(t["hidden_size"])
-    w.add_feed_forward_length(t["intermediate_size"])
-    w.add_head_count(t["num_attention_heads"])
-    w.add_head_count_kv(t.get("num_key_value_heads", t["num_attention_heads"]))
-    w.add_layer_norm_rms_eps(t.get("rms_norm_eps", 1e-6))
 
 
 def _rope(t: dict) -> dict:
@@ -141,7 +132,7 @@ def _pixel_bounds_kv(w: gguf.GGUFWriter, pre: dict) -> None:
 
 def _qwen_text_kv(w: gguf.GGUFWriter, cfg: dict) -> None:
     t = cfg["_text"]
-    _text_common(w, t)
+    text_common(w, t)
     rp = _rope(t)
     sections = list(rp.get("mrope_section") or [16, 24, 24])
     if sum(sections) != _head_dim(t) // 2:
@@ -212,7 +203,7 @@ def _gemma3_text_transform(rest: str, a: np.ndarray, cfg: dict) -> np.ndarray:
 
 def _gemma3_text_kv(w: gguf.GGUFWriter, cfg: dict) -> None:
     t = cfg["_text"]
-    _text_common(w, t)
+    text_common(w, t)
     hd = _head_dim(t)
     w.add_key_length(hd)
     w.add_value_length(hd)
@@ -282,7 +273,7 @@ def _gemma3_vision_tensors(rest: str, a: np.ndarray, cfg: dict) -> Iterator[tupl
 
 def _llama_text_kv(w: gguf.GGUFWriter, cfg: dict) -> None:
     t = cfg["_text"]
-    _text_common(w, t)
+    text_common(w, t)
     hd = _head_dim(t)
     w.add_vocab_size(t["vocab_size"])
     w.add_rope_dimension_count(hd)

@@ -22,6 +22,8 @@ from typing import Iterator
 import gguf
 import numpy as np
 
+from .text_kv import text_common
+
 __all__ = ["qwen3vl_text_kv", "qwen3vl_vision_kv", "qwen3vl_vision_tensors"]
 
 
@@ -31,13 +33,7 @@ def _head_dim(t: dict) -> int:
 
 def qwen3vl_text_kv(w: gguf.GGUFWriter, cfg: dict) -> None:
     t = cfg["_text"]
-    w.add_block_count(t["num_hidden_layers"])
-    w.add_context_length(t.get("max_position_embeddings", 4096))
-    w.add_embedding_length(t["hidden_size"])
-    w.add_feed_forward_length(t["intermediate_size"])
-    w.add_head_count(t["num_attention_heads"])
-    w.add_head_count_kv(t.get("num_key_value_heads", t["num_attention_heads"]))
-    w.add_layer_norm_rms_eps(t.get("rms_norm_eps", 1e-6))
+    text_common(w, t)
     w.add_key_length(_head_dim(t))
     w.add_value_length(_head_dim(t))
     rp = t.get("rope_parameters") or t.get("rope_scaling") or {}
