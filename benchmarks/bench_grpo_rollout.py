@@ -135,7 +135,10 @@ def run_ours_arm(arm: str, args) -> dict:
     inputs = prompt_batch(model.config, args.prompts, args.image_side, args.text_len, device)
     res, _ = timed_rollout(model, inputs, args, device)
     out = {"arm": arm, **res, "prompt_len": inputs["input_ids"].shape[1]}
+    if args.profile and device == "cuda":
+        out["profile"] = profile_rollout(model, inputs, args)
     out["top_p_0.95"], _ = timed_rollout(model, inputs, args, device, top_p=0.95)
+    out["no_fused_decode"], _ = timed_rollout(model, inputs, args, device, fuse_decode=False)
     out["no_cuda_graphs"], _ = timed_rollout(model, inputs, args, device, use_cuda_graphs=False)
     out["no_prefix_sharing"], _ = timed_rollout(model, inputs, args, device, share_prefix=False)
     # logits agreement, greedy, first K steps (EOS off so every row runs K steps)
@@ -154,6 +157,31 @@ def run_ours_arm(arm: str, args) -> dict:
     out["agreement"]["ours_within_bf16_tolerance"] = (
         out["agreement"]["ours_vs_hf_lora"]["max_abs"] <= 2 * noise + (1e-3 if device == "cpu" else 5e-2))
     return out
+
+
+def profile_rollout(model, inputs, args) -> str:
+    """torch.profiler over one rollout (CUDA-graph kernels included): the top-kernel table, also written to
+    ``--out``/rollout_profile.md."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from vlm_lightning.rollout import fast_generate
+
+    kw = dict(num_generations=args.generations, max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0,
+              eos_token_ids=EOS, pad_token_id=PAD)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        utils.sync()
+        t0 = time.perf_counter()
+        out = fast_generate(model, inputs, **kw)
+        utils.sync()
+        dt = time.perf_counter() - t0
+    table = (f"rollout {args.prompts}x{args.generations} x {args.new_tokens} new tokens, backend {out.backend}, "
+             f"prefill {out.stats['prefill_s']:.3f} s, decode {out.stats['decode_s']:.3f} s\n\n"
+             + utils.profile_table(prof, dt, top=30))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "rollout_profile.md").write_text(table + "\n")
+    print(table, flush=True)
+    return table
 
 
 def run_grpo_arm(arm: str, args) -> dict:
@@ -226,6 +254,7 @@ def main():
     p.add_argument("--agree-steps", type=int, default=16)
     p.add_argument("--grpo-steps", type=int, default=2)
     p.add_argument("--tiny", action="store_true", help="CPU smoke test on a tiny config")
+    p.add_argument("--profile", action="store_true", help="ours: also profile one rollout (top GPU kernels)")
     p.add_argument("--model-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -250,7 +279,8 @@ def main():
                "--prompts", str(args.prompts), "--generations", str(args.generations),
                "--new-tokens", str(args.new_tokens), "--text-len", str(args.text_len),
                "--image-side", str(args.image_side), "--agree-steps", str(args.agree_steps),
-               "--grpo-steps", str(args.grpo_steps)] + (["--tiny"] if args.tiny else [])
+               "--grpo-steps", str(args.grpo_steps), "--out", str(args.out)] + (["--tiny"] if args.tiny else [])
+        cmd += ["--profile"] if args.profile else []
         res = utils.run_child(arm, cmd)
         if "error" in res:
             results[arm] = res

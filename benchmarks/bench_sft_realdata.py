@@ -125,28 +125,35 @@ def run_ours(args, packing: bool) -> dict:
                              dtype="bfloat16" if device == "cuda" else "float32", r=16, lora_alpha=16,
                              finetune_vision_layers=False, gradient_checkpointing=args.checkpointing,
                              optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4), **LEVERS)
-    steps = []
+    steps, waits = [], []
 
     class Timer(L.Callback):
+        t_end = None
+
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             utils.sync()
             if batch_idx == 0 and device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             self.t0 = time.perf_counter()
+            if self.t_end is not None:  # between two steps: the DataLoader's wait and Lightning's own work
+                waits.append(self.t0 - self.t_end)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             utils.sync()
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-            steps.append((time.perf_counter() - self.t0, *batch_stats(batch), float(loss)))
+            self.t_end = time.perf_counter()
+            steps.append((self.t_end - self.t0, *batch_stats(batch), float(loss)))
 
     trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1,
                         precision="bf16-true" if device == "cuda" else "32-true", max_epochs=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[Timer()], num_sanity_val_steps=0,
+                        enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[Timer()] + ([utils.profile_callback(3, args.out / f"realdata_profile_{args.child}.md")]
+                                               if args.profile else []),
                         limit_val_batches=0)
     torch.manual_seed(1)
     trainer.fit(module, datamodule=datamodule(args, packing))
-    return summarize(args, steps)
+    return {**summarize(args, steps), "between_steps_s": waits}
 
 
 def summarize(args, steps: list[tuple]) -> dict:
@@ -172,6 +179,7 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--profile", action="store_true", help="ours arms: trace step 3 (top GPU kernels, busy share)")
     p.add_argument("--model-dir", type=Path, default=None)
     p.add_argument("--data", type=Path, default=None)
     p.add_argument("--out", type=Path, default=Path("benchmarks/out"))
@@ -196,7 +204,8 @@ def main():
     for arm in args.arms.split(","):
         cmd = [sys.executable, __file__, "--child", arm, "--model-dir", str(args.model_dir), "--data", str(args.data),
                "--batch", str(args.batch), "--max-tokens", str(args.max_tokens), "--warmup", str(args.warmup),
-               "--checkpointing", args.checkpointing] + (["--tiny"] if args.tiny else [])
+               "--checkpointing", args.checkpointing, "--out", str(args.out)] + (["--tiny"] if args.tiny else [])
+        cmd += ["--profile"] if args.profile else []
         res = utils.run_child(arm, cmd)
         if "error" in res:
             results[arm] = res

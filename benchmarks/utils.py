@@ -209,7 +209,8 @@ def profile_table(prof, step_s: float, top: int = 25) -> str:
     """Markdown table of the ``top`` GPU kernels of a ``torch.profiler`` trace by self device time, each with
     its share of the profiled step's wall time (``step_s``) and its call count."""
     kernel = torch.autograd.DeviceType.CUDA  # kernels and copies only: CPU ops' device totals double-count them
-    events = [e for e in prof.key_averages() if e.device_type == kernel and e.self_device_time_total > 0]
+    events = [e for e in prof.key_averages() if e.device_type == kernel and e.self_device_time_total > 0
+              and not e.key.startswith(("Optimizer.", "ProfilerStep"))]  # annotations, not kernels
     events.sort(key=lambda e: e.self_device_time_total, reverse=True)
     total_ms = sum(e.self_device_time_total for e in events) / 1e3
     lines = [f"step {step_s * 1e3:.0f} ms wall; GPU kernels busy {total_ms:.0f} ms "
@@ -219,6 +220,16 @@ def profile_table(prof, step_s: float, top: int = 25) -> str:
         ms = e.self_device_time_total / 1e3
         name = e.key.replace("|", "/")[:90]
         lines.append(f"| `{name}` | {e.count} | {ms:.1f} | {ms / (step_s * 1e3):.1%} |")
+    return "\n".join(lines)
+
+
+def cpu_table(prof, top: int = 30) -> str:
+    """Markdown table of the ``top`` host-side ops by self CPU time (where a GPU-idle step spends its time)."""
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    lines = ["| op (host) | calls | self CPU ms | CPU ms incl. children |", "|---|---|---|---|"]
+    for e in events[:top]:
+        lines.append(f"| `{e.key.replace('|', '/')[:90]}` | {e.count} | {e.self_cpu_time_total / 1e3:.1f} | "
+                     f"{e.cpu_time_total / 1e3:.1f} |")
     return "\n".join(lines)
 
 
@@ -243,7 +254,7 @@ def profile_callback(step_index: int, out_path: Path):
                 sync()
                 step_s = time.perf_counter() - self.t0
                 self.prof.__exit__(None, None, None)
-                table = profile_table(self.prof, step_s)
+                table = profile_table(self.prof, step_s) + "\n\nHost side:\n\n" + cpu_table(self.prof)
                 Path(out_path).parent.mkdir(parents=True, exist_ok=True)
                 Path(out_path).write_text(table + "\n")
                 print(table, flush=True)

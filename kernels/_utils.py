@@ -45,6 +45,12 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceil division for launch grids. Plain Python on purpose: ``triton.cdiv`` is a ``constexpr_function``
+    since Triton 3.5 and costs microseconds per host call, which shows in sub-millisecond ops."""
+    return -(-a // b)
+
+
 @functools.lru_cache(maxsize=None)
 def sm_count(device_index: int = 0) -> int:
     if torch.cuda.is_available():

@@ -64,3 +64,74 @@ def test_vision_features_and_grads_match_the_per_window_loop(tiny_vlm_dir, famil
     for name in outs[0][1]:
         torch.testing.assert_close(outs[1][1][name], outs[0][1][name], atol=1e-5, rtol=1e-4, msg=name)
     assert outs[1][2] < outs[0][2]  # fewer attention calls
+
+
+@pytest.mark.parametrize("lengths, kind", [
+    ([64, 64, 64, 64, 40, 64, 64, 64, 64, 40, 0, 16], "pad"),  # edge windows of odd-sized images: one masked call
+    ([3, 3, 3, 5, 0, 2, 2], "groups"),  # padding would waste too much: one call per length
+    ([300, 500, 300, 64], "groups"),  # whole images (full-attention blocks): gathered by length
+    ([4, 4, 4], "runs"),
+])
+def test_every_plan_equals_one_call_per_window_with_gradients(lengths, kind):
+    from vlm_lightning.models.vision_attention import _plan
+
+    assert _plan(lengths)[0] == kind
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, sum(lengths), 8, requires_grad=True) for _ in range(3))
+    ref, start = [], 0
+    for n in lengths:
+        if n:
+            sl = slice(start, start + n)
+            ref.append(F.scaled_dot_product_attention(q[:, sl], k[:, sl], v[:, sl], scale=0.3).transpose(0, 1))
+        start += n
+    ref = torch.cat(ref)
+    g = torch.randn_like(ref)
+    out = windowed_sdpa(q, k, v, lengths, 0.3)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad((out * g).sum(), (q, k, v)), torch.autograd.grad((ref * g).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_plan_cache_syncs_once_per_cu_seqlens_tensor():
+    from vlm_lightning.models.vision_attention import _PlanCache
+
+    cache = _PlanCache(size=2)
+    a, b = torch.tensor([0, 4, 8, 10]), torch.tensor([0, 10])
+    la, pa = cache.get(a)
+    assert la == [4, 4, 2] and cache.get(a)[1] is pa  # the same tensor: the cached plan
+    assert cache.get(b)[0] == [10]
+    a[3] = 9  # changed in place: recomputed
+    assert cache.get(a)[0] == [4, 4, 1]
+    assert cache.get(torch.tensor([0, 4, 8, 10]))[0] == [4, 4, 2]  # an equal but new tensor is its own entry
+    assert len(cache.entries) == 2
+
+
+def test_odd_sized_images_use_few_attention_calls(tiny_vlm_dir):
+    """Images whose sides are not window multiples: features equal the per-window loop, in a few calls."""
+    path = tiny_vlm_dir("qwen2_5_vl")
+    ref = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    ours = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    batch_vision_windows(ours)
+    vc = ref.config.vision_config
+    grid = torch.tensor([[1, 10, 14], [1, 6, 22], [1, 18, 8]])
+    torch.manual_seed(0)
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * vc.temporal_patch_size * vc.patch_size ** 2)
+    calls, real = {"n": 0}, F.scaled_dot_product_attention
+
+    def counted(*a, **kw):
+        calls["n"] += 1
+        return real(*a, **kw)
+
+    feats = []
+    for model in (ref, ours):
+        calls["n"] = 0
+        F.scaled_dot_product_attention = counted
+        try:
+            with torch.no_grad():
+                f = model.model.visual(pixels, grid_thw=grid)
+        finally:
+            F.scaled_dot_product_attention = real
+        f = f.pooler_output if hasattr(f, "pooler_output") else f
+        feats.append((f, calls["n"]))
+    torch.testing.assert_close(feats[1][0], feats[0][0], atol=1e-5, rtol=1e-5)
+    assert feats[1][1] <= 4 * vc.depth < feats[0][1], (feats[1][1], feats[0][1])

@@ -134,3 +134,55 @@ def test_cuda_graph_decode_matches_eager(tiny_vlm_dir):
     assert graphed.backend == "fast+cuda_graph"
     assert torch.equal(eager.completion_ids, graphed.completion_ids)
     torch.testing.assert_close(eager.logits, graphed.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_decode_step_equals_the_hf_modules_one_by_one(family_setup):
+    """fuse_decode (one q/k/v GEMM, fused RoPE / RMSNorm / gated MLP) gives the logits of the unfused step."""
+    name, model, processor, inputs = family_setup
+    kw = dict(temperature=0, eos_token_ids=[], pad_token_id=pad_id(processor), return_logits=True)
+    fused = fast_generate(model, inputs, 2, 6, fuse_decode=True, **kw)
+    plain = fast_generate(model, inputs, 2, 6, fuse_decode=False, **kw)
+    assert torch.equal(fused.completion_ids, plain.completion_ids), name
+    torch.testing.assert_close(fused.logits, plain.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_qkv_reads_merged_lora_weights_and_refuses_active_adapters(tiny_vlm_dir):
+    """The fused q/k/v weight is taken only from layers whose forward is a plain linear right now."""
+    from peft import LoraConfig, get_peft_model
+
+    from vlm_lightning.rollout.decode import _fused_qkv, linear_params
+    from vlm_lightning.rollout.lora import merged_lora
+
+    model, processor, inputs = load_tiny(tiny_vlm_dir("qwen2_5_vl"))
+    torch.manual_seed(0)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]))
+    for n, p in peft.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.05)
+    attn = peft.base_model.model.model.language_model.layers[0].self_attn
+    assert linear_params(attn.q_proj) is None  # adapter active: q_proj(x) is not its base linear
+    assert _fused_qkv(attn) is None
+    x = torch.randn(3, attn.q_proj.in_features)
+    with merged_lora(peft):
+        w, b, splits = _fused_qkv(attn)
+        want = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
+    torch.testing.assert_close(torch.nn.functional.linear(x, w, b), want, atol=1e-5, rtol=1e-5)
+    assert splits == [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
+    kw = dict(temperature=0, eos_token_ids=[], pad_token_id=pad_id(processor), return_logits=True)
+    fused = fast_generate(peft, inputs, 2, 5, fuse_decode=True, **kw)
+    plain = fast_generate(peft, inputs, 2, 5, fuse_decode=False, **kw)
+    torch.testing.assert_close(fused.logits, plain.logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_decode_matches_unfused_in_bf16_on_cuda(tiny_vlm_dir):
+    model, processor, inputs = load_tiny(tiny_vlm_dir("qwen2_5_vl"))
+    model = model.cuda().to(torch.bfloat16)
+    inputs = {k: (v.cuda().to(torch.bfloat16) if v.is_floating_point() else v.cuda()) for k, v in inputs.items()}
+    kw = dict(temperature=0, eos_token_ids=[], pad_token_id=0, return_logits=True)
+    fused = fast_generate(model, inputs, 4, 12, fuse_decode=True, **kw)
+    plain = fast_generate(model, inputs, 4, 12, fuse_decode=False, **kw)
+    assert fused.backend == "fast+cuda_graph"
+    first = (fused.logits[:, 0] - plain.logits[:, 0]).abs().max()
+    assert first <= 0.05 * plain.logits[:, 0].abs().max(), first

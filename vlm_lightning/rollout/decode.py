@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import apply_rope, gated_act, rms_norm
 from ..models.families import get_family_spec
 from ..models.hf import text_config, unwrap_model
+from ..models.patch import _mlp_kind, _rms_kind
 
 #: Text decoders whose one-token step ``DecodeStep`` reproduces (checked against transformers 5.17 and 5.24).
 SUPPORTED_TEXT_MODEL_TYPES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "gemma3_text", "llama", "mistral",
@@ -62,8 +64,63 @@ def fast_path_unsupported(model: nn.Module) -> str | None:
 
 
 
+def linear_params(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) when ``mod(x)`` is exactly ``F.linear(x, weight, bias)`` right now: a plain ``nn.Linear``,
+    or a PEFT LoRA layer over one whose adapters are disabled (as ``merged_lora`` leaves them, with the merged
+    weight in the base) or merged. Anything else (active adapters, quantized bases): None."""
+    def plain(m):
+        return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
+
+    if plain(mod):
+        return mod.weight, mod.bias
+    base = getattr(mod, "base_layer", None)
+    if base is None or not plain(base):
+        return None
+    disabled, merged = bool(getattr(mod, "disable_adapters", False)), bool(getattr(mod, "merged", False))
+    return (base.weight, base.bias) if disabled != merged else None
+
+
+def _fused_qkv(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, list[int]] | None:
+    """One (Q+K+V, H) weight (and bias) for the attention's three projections, when all are plain linears."""
+    params = [linear_params(getattr(attn, n, None)) if isinstance(getattr(attn, n, None), nn.Module) else None
+              for n in ("q_proj", "k_proj", "v_proj")]
+    if any(p is None for p in params) or len({(p[0].dtype, p[0].device, p[0].shape[1]) for p in params}) != 1:
+        return None
+    with torch.no_grad():
+        weight = torch.cat([p[0] for p in params])
+        bias = None
+        if any(p[1] is not None for p in params):
+            bias = torch.cat([p[1] if p[1] is not None else p[0].new_zeros(p[0].shape[0]) for p in params])
+    return weight, bias, [p[0].shape[0] for p in params]
+
+
+def _norm_fn(norm: nn.Module):
+    """The norm as one fused ``rms_norm`` call when it is an unpatched HF RMSNorm (Llama or Gemma casting; the
+    kernel falls back to the torch reference where Triton cannot run), else the module itself."""
+    kind = _rms_kind(norm)
+    if kind == "llama":
+        return lambda x: rms_norm(x, norm.weight, norm.variance_epsilon, 0.0, "llama")
+    if kind == "gemma":
+        return lambda x: rms_norm(x, norm.weight, norm.eps, 1.0, "gemma")
+    return norm
+
+
+def _mlp_fn(mlp: nn.Module):
+    """``down(act(gate(x)) * up(x))`` with the fused ``gated_act`` when the MLP is an unpatched gated one."""
+    act = _mlp_kind(mlp)
+    if act is None:
+        return mlp
+    return lambda x: mlp.down_proj(gated_act(mlp.gate_proj(x), mlp.up_proj(x), act))
+
+
 class DecodeStep:
     """One-token step of the text decoder over a static KV cache, from the HF modules themselves.
+
+    ``fuse=True`` (the default) runs the same math with fewer launches: q/k/v as one GEMM over concatenated
+    weights (when all three are plain linears, e.g. LoRA merged by ``merged_lora``; one extra copy of those
+    weights while the step lives), q and k rotated by one ``apply_rope`` call, RMSNorms and the gated MLP's
+    activation through the fused kernels (``vlm_lightning.kernels``, which fall back to their torch
+    references off-GPU). ``fuse=False`` calls the HF modules one by one (the reference the tests compare with).
 
     Static state (buffers read and written in place, so the step can be captured in a CUDA graph):
     ``ids`` (N,) the tokens to feed; ``pos`` rotary positions, (3, N, 1) for M-RoPE else (N, 1); ``idx`` (1,)
@@ -71,7 +128,7 @@ class DecodeStep:
     ``keys`` / ``values`` per layer (N, H_kv, L, d); ``logits`` (N, V) float32, the output.
     """
 
-    def __init__(self, hf: nn.Module, n: int, max_len: int, device, dtype):
+    def __init__(self, hf: nn.Module, n: int, max_len: int, device, dtype, fuse: bool = True):
         self.hf = hf
         self.lm = _language_model(hf)
         self.head = hf.get_output_embeddings()
@@ -94,6 +151,22 @@ class DecodeStep:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.logits: torch.Tensor | None = None
+        self.fuse = fuse
+        if fuse:
+            self.qkv = [_fused_qkv(layer.self_attn) for layer in self.layers]
+            self.norms = [(_norm_fn(layer.input_layernorm), _norm_fn(layer.post_attention_layernorm),
+                           _norm_fn(getattr(layer, "pre_feedforward_layernorm", None) or nn.Identity()),
+                           _norm_fn(getattr(layer, "post_feedforward_layernorm", None) or nn.Identity()))
+                          for layer in self.layers]
+            self.mlps = [_mlp_fn(layer.mlp) for layer in self.layers]
+            self.final_norm = _norm_fn(self.lm.norm)
+        else:
+            self.qkv = [None] * len(self.layers)
+            self.norms = [(layer.input_layernorm, layer.post_attention_layernorm,
+                           getattr(layer, "pre_feedforward_layernorm", None),
+                           getattr(layer, "post_feedforward_layernorm", None)) for layer in self.layers]
+            self.mlps = [layer.mlp for layer in self.layers]
+            self.final_norm = self.lm.norm
 
     def load_prefix(self, layer_kv: list[tuple[torch.Tensor, torch.Tensor]], prompt_len: int, repeats: int) -> None:
         """Copy the prefill cache ((B, H_kv, <=P, d) per layer) into the static buffers, tiled ``repeats`` times.
@@ -129,17 +202,26 @@ class DecodeStep:
             masks[w] = (causal & (self.ar[None, :] > self.idx - w))[:, None, None, :]
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
+            norm_in, norm_post_attn, norm_pre_ff, norm_post_ff = self.norms[i]
             residual = h
-            x = layer.input_layernorm(h)
+            x = norm_in(h)
             d = attn.head_dim
-            q = attn.q_proj(x).view(n, 1, -1, d).transpose(1, 2)  # (N, Hq, 1, d)
-            k = attn.k_proj(x).view(n, 1, -1, d).transpose(1, 2)  # (N, Hkv, 1, d)
-            v = attn.v_proj(x).view(n, 1, -1, d).transpose(1, 2)
+            if self.qkv[i] is not None:
+                w, b, splits = self.qkv[i]
+                q, k, v = F.linear(x, w, b).split(splits, dim=-1)
+            else:
+                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            q = q.reshape(n, 1, -1, d).transpose(1, 2)  # (N, Hq, 1, d)
+            k = k.reshape(n, 1, -1, d).transpose(1, 2)  # (N, Hkv, 1, d)
+            v = v.reshape(n, 1, -1, d).transpose(1, 2)
             if hasattr(attn, "q_norm"):
                 q, k = attn.q_norm(q), attn.k_norm(k)
             cos, sin = rope[self.layer_types[i]]  # (N, 1, d)
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            if self.fuse:  # one launch for q and k (HF's rotate_half math)
+                q, k = apply_rope(q.contiguous(), k.contiguous(), cos, sin)
+            else:
+                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+                q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             kb, vb = self.keys[i], self.values[i]
             kb.index_copy_(2, self.idx, k.to(kb.dtype))
             vb.index_copy_(2, self.idx, v.to(vb.dtype))
@@ -148,12 +230,12 @@ class DecodeStep:
             o = F.scaled_dot_product_attention(qg, kb, vb, attn_mask=masks[self.windows[i]], scale=attn.scaling)
             o = attn.o_proj(o.reshape(n, 1, hq * d))
             if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma: norms around both sub-blocks
-                h = residual + layer.post_attention_layernorm(o)
-                h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+                h = residual + norm_post_attn(o)
+                h = h + norm_post_ff(self.mlps[i](norm_pre_ff(h)))
             else:
                 h = residual + o
-                h = h + layer.mlp(layer.post_attention_layernorm(h))
-        h = self.lm.norm(h)
+                h = h + self.mlps[i](norm_post_attn(h))
+        h = self.final_norm(h)
         logits = self.head(h[:, -1]).float()  # (N, V)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap

@@ -102,6 +102,7 @@ def fast_generate(
     backend: Literal["auto", "fast", "hf"] = "auto",
     check_every: int = 16,
     return_logits: bool = False,
+    fuse_decode: bool = True,
 ) -> Rollout:
     """Sample ``num_generations`` completions for each of the B prompts in ``inputs``.
 
@@ -131,6 +132,8 @@ def fast_generate(
             "hf" (HF ``generate`` on the tiled batch).
         check_every: decode steps between host syncs that stop the loop once every row has ended.
         return_logits: also return the raw next-token logits of every step, (N, C, V) float32 (tests/benchmarks).
+        fuse_decode: the decode step with fused q/k/v GEMM, RoPE, norms and MLP activation (``DecodeStep``'s
+            ``fuse``; the same math in fewer launches). False: the HF modules one by one.
 
     Returns:
         a ``Rollout`` (``texts`` only when a tokenizer is given).
@@ -180,7 +183,7 @@ def fast_generate(
         with ctx as n_merged:
             out = _fast_generate(hf, inputs, g, max_new_tokens, temperature, top_p, top_k or 0, eos, pad_token_id,
                                  stop_strings, tokenizer, generator, use_cuda_graphs, suppress_token_ids,
-                                 forbidden_ids, share_prefix, check_every, return_logits)
+                                 forbidden_ids, share_prefix, check_every, return_logits, fuse_decode)
         out.stats["merged_layers"] = n_merged
         return out
     finally:
@@ -189,7 +192,7 @@ def fast_generate(
 
 def _fast_generate(hf, inputs, g, max_new_tokens, temperature, top_p, top_k, eos, pad, stop_strings, tokenizer,
                    generator, use_cuda_graphs, suppress_token_ids, forbidden_ids, share_prefix, check_every,
-                   return_logits) -> Rollout:
+                   return_logits, fuse_decode=True) -> Rollout:
     device = inputs["input_ids"].device
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -208,7 +211,7 @@ def _fast_generate(hf, inputs, g, max_new_tokens, temperature, top_p, top_k, eos
     else:
         dpos = dpos.repeat(repeats, 1)
     dtype = layer_kv[0][0].dtype
-    step = DecodeStep(hf, n, p + max_new_tokens, device, dtype)
+    step = DecodeStep(hf, n, p + max_new_tokens, device, dtype, fuse=fuse_decode)
     step.load_prefix(layer_kv, p, repeats)
     del layer_kv
     step.pos = dpos.contiguous()
@@ -226,6 +229,7 @@ def _fast_generate(hf, inputs, g, max_new_tokens, temperature, top_p, top_k, eos
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     all_logits: list[torch.Tensor] = []
     sample_lp = torch.zeros(n, max_new_tokens, dtype=torch.float32, device=device)  # the engine's log-probs
+    plain_sampling = temperature > 0 and not top_k and top_p >= 1.0 and suppress is None
     run = None
     graph_error = None
     t1 = time.perf_counter()
@@ -248,11 +252,16 @@ def _fast_generate(hf, inputs, g, max_new_tokens, temperature, top_p, top_k, eos
             step.pos.add_(1)
         if return_logits:
             all_logits.append(logits.clone())
-        nxt = sample_next(logits, temperature, top_k, top_p, suppress, generator)
+        if plain_sampling:  # no filter: the draw's own softmax gives the log-prob (one pass over V, not two)
+            probs = (logits / temperature if temperature != 1.0 else logits).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            sample_lp[:, t] = probs.gather(1, nxt[:, None]).squeeze(1).log()
+        else:
+            nxt = sample_next(logits, temperature, top_k, top_p, suppress, generator)
+            if temperature > 0:  # log_softmax(logits / T) at the token: what the trainer's completion_logprobs has
+                sample_lp[:, t] = torch.log_softmax(logits / temperature, -1).gather(1, nxt[:, None]).squeeze(1)
         nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
         tokens[:, t] = nxt
-        if temperature > 0:  # log_softmax(logits / T) at the token: what the trainer's completion_logprobs computes
-            sample_lp[:, t] = torch.log_softmax(logits / temperature, -1).gather(1, nxt[:, None]).squeeze(1)
         finished |= torch.isin(nxt, eos_t) if len(eos) else torch.zeros_like(finished)
         step.ids.copy_(nxt)
         steps = t + 1
