@@ -162,7 +162,6 @@ def run_ours_arm(arm: str, args) -> dict:
 def profile_rollout(model, inputs, args) -> str:
     """torch.profiler over one rollout (CUDA-graph kernels included): the top-kernel table, also written to
     ``--out``/rollout_profile.md."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from vlm_lightning.rollout import fast_generate

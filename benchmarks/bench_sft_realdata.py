@@ -144,13 +144,12 @@ def run_ours(args, packing: bool) -> dict:
             self.t_end = time.perf_counter()
             steps.append((self.t_end - self.t0, *batch_stats(batch), float(loss)))
 
+    profiler = [utils.profile_callback(3, args.out / f"realdata_profile_{args.child}.md")] if args.profile else []
     trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1,
                         precision="bf16-true" if device == "cuda" else "32-true", max_epochs=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=[Timer()] + ([utils.profile_callback(3, args.out / f"realdata_profile_{args.child}.md")]
-                                               if args.profile else []),
-                        limit_val_batches=0)
+                        callbacks=[Timer()] + profiler, limit_val_batches=0)
     torch.manual_seed(1)
     trainer.fit(module, datamodule=datamodule(args, packing))
     return {**summarize(args, steps), "between_steps_s": waits}
