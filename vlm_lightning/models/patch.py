@@ -133,6 +133,18 @@ def _rms_kind(module: nn.Module) -> str | None:
     return None
 
 
+def rms_norm_kind(module: nn.Module) -> str | None:
+    """"llama" or "gemma" when ``module`` is an unpatched HF RMSNorm that the fused ``rms_norm`` reproduces
+    (with that casting), else None (also for an already patched one)."""
+    return _rms_kind(module)
+
+
+def gated_mlp_act(module: nn.Module) -> str | None:
+    """The ``gated_act`` activation ("swiglu" / "geglu_tanh") of an unpatched HF gated MLP
+    (``down(act(gate(x)) * up(x))``), else None."""
+    return _mlp_kind(module)
+
+
 def _rms_llama_forward(self, hidden_states):
     return rms_norm(hidden_states, self.weight, self.variance_epsilon, 0.0, "llama")
 

@@ -29,7 +29,7 @@ from torch import nn
 from ..kernels import apply_rope, gated_act, rms_norm
 from ..models.families import get_family_spec
 from ..models.hf import text_config, unwrap_model
-from ..models.patch import _mlp_kind, _rms_kind
+from ..models.patch import gated_mlp_act, rms_norm_kind
 
 #: Text decoders whose one-token step ``DecodeStep`` reproduces (checked against transformers 5.17 and 5.24).
 SUPPORTED_TEXT_MODEL_TYPES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "gemma3_text", "llama", "mistral",
@@ -97,7 +97,7 @@ def _fused_qkv(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, list
 def _norm_fn(norm: nn.Module):
     """The norm as one fused ``rms_norm`` call when it is an unpatched HF RMSNorm (Llama or Gemma casting; the
     kernel falls back to the torch reference where Triton cannot run), else the module itself."""
-    kind = _rms_kind(norm)
+    kind = rms_norm_kind(norm)
     if kind == "llama":
         return lambda x: rms_norm(x, norm.weight, norm.variance_epsilon, 0.0, "llama")
     if kind == "gemma":
@@ -107,7 +107,7 @@ def _norm_fn(norm: nn.Module):
 
 def _mlp_fn(mlp: nn.Module):
     """``down(act(gate(x)) * up(x))`` with the fused ``gated_act`` when the MLP is an unpatched gated one."""
-    act = _mlp_kind(mlp)
+    act = gated_mlp_act(mlp)
     if act is None:
         return mlp
     return lambda x: mlp.down_proj(gated_act(mlp.gate_proj(x), mlp.up_proj(x), act))
