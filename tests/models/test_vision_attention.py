@@ -28,6 +28,21 @@ def test_windowed_sdpa_equals_one_call_per_window():
     torch.testing.assert_close(windowed_sdpa(q, k, v, lengths, 0.5), torch.cat(ref), atol=1e-6, rtol=1e-5)
 
 
+def counted_sdpa_calls(fn):
+    """(fn(), how many times it called F.scaled_dot_product_attention)."""
+    calls, real = {"n": 0}, F.scaled_dot_product_attention
+
+    def counted(*a, **kw):
+        calls["n"] += 1
+        return real(*a, **kw)
+
+    F.scaled_dot_product_attention = counted
+    try:
+        return fn(), calls["n"]
+    finally:
+        F.scaled_dot_product_attention = real
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_vision_features_and_grads_match_the_per_window_loop(tiny_vlm_dir, family):
     path = tiny_vlm_dir(family)
@@ -39,26 +54,14 @@ def test_vision_features_and_grads_match_the_per_window_loop(tiny_vlm_dir, famil
     t = getattr(vc, "temporal_patch_size", 2)
     grid = torch.tensor([[1, 8, 12], [1, 8, 12], [1, 4, 4]])  # three images, two alike, not square
     pixels = torch.randn(int(grid.prod(-1).sum()), 3 * t * vc.patch_size ** 2)
-    calls = {"n": 0}
-    real = F.scaled_dot_product_attention
-
-    def counted(*a, **kw):
-        calls["n"] += 1
-        return real(*a, **kw)
-
     outs = []
     for model in (ref, ours):
-        calls["n"] = 0
-        F.scaled_dot_product_attention = counted
-        try:
-            feats = model.model.visual(pixels, grid_thw=grid)
-        finally:
-            F.scaled_dot_product_attention = real
+        feats, n_calls = counted_sdpa_calls(lambda m=model: m.model.visual(pixels, grid_thw=grid))
         feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
         feats = torch.cat(list(feats)) if isinstance(feats, (tuple, list)) else feats
         feats.square().sum().backward()
         grads = {n: p.grad.clone() for n, p in model.model.visual.named_parameters() if p.grad is not None}
-        outs.append((feats.detach(), grads, calls["n"]))
+        outs.append((feats.detach(), grads, n_calls))
     torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-5, rtol=1e-5)
     assert outs[0][1].keys() == outs[1][1].keys()
     for name in outs[0][1]:
@@ -116,22 +119,11 @@ def test_odd_sized_images_use_few_attention_calls(tiny_vlm_dir):
     grid = torch.tensor([[1, 10, 14], [1, 6, 22], [1, 18, 8]])
     torch.manual_seed(0)
     pixels = torch.randn(int(grid.prod(-1).sum()), 3 * vc.temporal_patch_size * vc.patch_size ** 2)
-    calls, real = {"n": 0}, F.scaled_dot_product_attention
-
-    def counted(*a, **kw):
-        calls["n"] += 1
-        return real(*a, **kw)
-
     feats = []
     for model in (ref, ours):
-        calls["n"] = 0
-        F.scaled_dot_product_attention = counted
-        try:
-            with torch.no_grad():
-                f = model.model.visual(pixels, grid_thw=grid)
-        finally:
-            F.scaled_dot_product_attention = real
+        with torch.no_grad():
+            f, n_calls = counted_sdpa_calls(lambda m=model: m.model.visual(pixels, grid_thw=grid))
         f = f.pooler_output if hasattr(f, "pooler_output") else f
-        feats.append((f, calls["n"]))
+        feats.append((f, n_calls))
     torch.testing.assert_close(feats[1][0], feats[0][0], atol=1e-5, rtol=1e-5)
     assert feats[1][1] <= 4 * vc.depth < feats[0][1], (feats[1][1], feats[0][1])

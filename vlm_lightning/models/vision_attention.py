@@ -68,7 +68,7 @@ def _plan(lengths: list[int]):
     ("runs", runs) when every window has one length; ("pad", starts, lens) for one key-masked call over windows
     padded to the longest; else ("groups", [(length, starts)]) for one call per distinct length."""
     runs = list(_runs(lengths))
-    if len({n for _, _, n in runs}) <= 1 or len(runs) <= 1:
+    if len({n for _, _, n in runs}) <= 1:
         return ("runs", runs)
     starts, lens, pos = [], [], 0
     for n in lengths:

@@ -152,21 +152,18 @@ class DecodeStep:
         self.values: list[torch.Tensor] = []
         self.logits: torch.Tensor | None = None
         self.fuse = fuse
-        if fuse:
-            self.qkv = [_fused_qkv(layer.self_attn) for layer in self.layers]
-            self.norms = [(_norm_fn(layer.input_layernorm), _norm_fn(layer.post_attention_layernorm),
-                           _norm_fn(getattr(layer, "pre_feedforward_layernorm", None) or nn.Identity()),
-                           _norm_fn(getattr(layer, "post_feedforward_layernorm", None) or nn.Identity()))
-                          for layer in self.layers]
-            self.mlps = [_mlp_fn(layer.mlp) for layer in self.layers]
-            self.final_norm = _norm_fn(self.lm.norm)
-        else:
-            self.qkv = [None] * len(self.layers)
-            self.norms = [(layer.input_layernorm, layer.post_attention_layernorm,
-                           getattr(layer, "pre_feedforward_layernorm", None),
-                           getattr(layer, "post_feedforward_layernorm", None)) for layer in self.layers]
-            self.mlps = [layer.mlp for layer in self.layers]
-            self.final_norm = self.lm.norm
+        norm, mlp = (_norm_fn, _mlp_fn) if fuse else ((lambda m: m), (lambda m: m))
+
+        def optional_norm(layer, name):  # Gemma's norms around the MLP; absent elsewhere
+            module = getattr(layer, name, None)
+            return norm(module) if module is not None else None
+
+        self.qkv = [_fused_qkv(layer.self_attn) if fuse else None for layer in self.layers]
+        self.norms = [(norm(layer.input_layernorm), norm(layer.post_attention_layernorm),
+                       optional_norm(layer, "pre_feedforward_layernorm"),
+                       optional_norm(layer, "post_feedforward_layernorm")) for layer in self.layers]
+        self.mlps = [mlp(layer.mlp) for layer in self.layers]
+        self.final_norm = norm(self.lm.norm)
 
     def load_prefix(self, layer_kv: list[tuple[torch.Tensor, torch.Tensor]], prompt_len: int, repeats: int) -> None:
         """Copy the prefill cache ((B, H_kv, <=P, d) per layer) into the static buffers, tiled ``repeats`` times.
